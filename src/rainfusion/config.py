@@ -1,0 +1,141 @@
+"""Frozen, validated configurations of the two methods, with named presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .mask import check_block_size
+
+Permutation = Literal["window3d", "tile2d", "none"]
+Selection = Literal["topk", "topp"]
+
+
+def _check_fraction(name: str, value: object, *, low: float, high: float, high_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok or math.isnan(value):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_common(config: "RainFusionConfig | RainFusion2Config") -> None:
+    _check_fraction("sparsity", config.sparsity, low=0.0, high=1.0, high_open=True)
+    check_block_size(config.block_size)
+    _check_fraction("warmup_fraction", config.warmup_fraction, low=0.0, high=1.0, high_open=False)
+    _check_int("refresh_interval", config.refresh_interval, 1)
+    if not isinstance(config.sink_first_frame, bool):
+        raise TypeError(f"sink_first_frame must be a bool, got {type(config.sink_first_frame).__name__}")
+
+
+@dataclass(frozen=True)
+class RainFusionConfig:
+    """RainFusion (v1): per-head spatial / temporal / textural patterns chosen online by the ARM.
+
+    sparsity: fraction of video-video attention skipped by spatial and temporal heads (their
+        bands keep ``1 - sparsity`` of the frames / spatial positions).
+    alpha: recall a band must reach on the ARM's samples for its pattern to be chosen.
+    tau: textural heads keep the 1/tau checkerboard subset of video keys.
+    adaptive_bandwidth: RainFusion+: per head, the smallest of ``bandwidths`` (fractions kept)
+        whose sampled recall reaches ``adaptive_recall``; ``1 - sparsity`` if none does.
+    arm_queries: queries sampled per ARM sample (local and global).
+    warmup_fraction: leading fraction of denoising steps computed densely.
+    sink_first_frame: first-frame rows and columns are always computed densely.
+    refresh_interval: re-run the ARM every this many sparse steps (patterns cached in between).
+    """
+
+    sparsity: float = 0.5
+    alpha: float = 0.9
+    tau: int = 2
+    adaptive_bandwidth: bool = False
+    bandwidths: tuple[float, ...] = (0.5, 0.25, 0.125)
+    adaptive_recall: float = 0.9
+    arm_queries: int = 256
+    block_size: int = 128
+    warmup_fraction: float = 0.1
+    sink_first_frame: bool = True
+    refresh_interval: int = 1
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        _check_fraction("alpha", self.alpha, low=0.0, high=1.0, high_open=False)
+        _check_fraction("adaptive_recall", self.adaptive_recall, low=0.0, high=1.0, high_open=False)
+        _check_int("tau", self.tau, 1)
+        _check_int("arm_queries", self.arm_queries, 1)
+        if not isinstance(self.bandwidths, tuple) or not self.bandwidths:
+            raise TypeError(f"bandwidths must be a non-empty tuple of floats, got {self.bandwidths!r}")
+        for b in self.bandwidths:
+            _check_fraction("bandwidths[i]", b, low=0.0, high=1.0, high_open=False)
+            if b == 0:
+                raise ValueError("bandwidths must be > 0, got 0")
+
+    @classmethod
+    def video(cls, **overrides: object) -> "RainFusionConfig":
+        """Video preset: the paper's defaults (sparsity 0.5, first 10% of steps dense)."""
+        return cls(**overrides)
+
+    @classmethod
+    def image(cls, **overrides: object) -> "RainFusionConfig":
+        """Image preset: one frame, so no first-frame sink."""
+        return cls(**{"sink_first_frame": False, **overrides})
+
+    @classmethod
+    def rainfusion_plus(cls, **overrides: object) -> "RainFusionConfig":
+        """RainFusion+: adaptive per-head bandwidth."""
+        return cls(**{"adaptive_bandwidth": True, **overrides})
+
+
+@dataclass(frozen=True)
+class RainFusion2Config:
+    """RainFusion2.0: block-mean top-N (or top-p) block selection on permuted tokens.
+
+    sparsity: nominal fraction of key blocks skipped per query block; each query block keeps
+        ceil(kv_blocks * (1 - sparsity)) blocks, forced blocks included.
+    permutation: "window3d" (2x8x8 spatiotemporal windows), "tile2d" (8x8 tiles per frame) or
+        "none" (raster order) applied to the video tokens so that a block is a compact region.
+    selection: "topk" keeps the top-N blocks; "topp" keeps the fewest blocks whose pooled
+        probability reaches ``top_p``, never more than top-N.
+    force_diagonal: each query block always visits its own key block.
+    """
+
+    sparsity: float = 0.8
+    block_size: int = 128
+    permutation: Permutation = "window3d"
+    selection: Selection = "topk"
+    top_p: float = 0.9
+    force_diagonal: bool = True
+    warmup_fraction: float = 0.3
+    sink_first_frame: bool = True
+    refresh_interval: int = 1
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.permutation not in ("window3d", "tile2d", "none"):
+            raise ValueError(
+                f"permutation must be 'window3d', 'tile2d' or 'none', got {self.permutation!r}"
+            )
+        if self.selection not in ("topk", "topp"):
+            raise ValueError(f"selection must be 'topk' or 'topp', got {self.selection!r}")
+        _check_fraction("top_p", self.top_p, low=0.0, high=1.0, high_open=False)
+
+    @classmethod
+    def video(cls, **overrides: object) -> "RainFusion2Config":
+        """Video preset: sparsity 0.8, 2x8x8 spatiotemporal windows."""
+        return cls(**overrides)
+
+    @classmethod
+    def image(cls, **overrides: object) -> "RainFusion2Config":
+        """Image preset: sparsity 0.6, 8x8 tiles, no first-frame sink (one frame)."""
+        return cls(**{"sparsity": 0.6, "permutation": "tile2d", "sink_first_frame": False, **overrides})
+
+
+AnyConfig = RainFusionConfig | RainFusion2Config

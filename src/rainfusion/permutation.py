@@ -1,0 +1,119 @@
+"""Token orders: where each token goes before block-sparse attention, and back.
+
+Every order puts the *dense region* first: the text tokens, then (with the first-frame sink)
+the tokens of frame 0. The remaining video tokens follow in an order chosen so that a block of
+consecutive tokens is a compact region of the video:
+
+- ``raster``      (t, h, w) order (``"none"`` in the v2 config);
+- ``window3d``    windows of 2 x 8 x 8 tokens, windows in raster order, raster order inside;
+- ``tile2d``      the same with 1 x 8 x 8 tiles;
+- ``time_major``  (h, w, t) order: the frames of one spatial position are adjacent (v1 temporal);
+- ``checkerboard`` the tokens with (h - w) mod tau == 0 first, then the rest (v1 textural).
+
+Attention is equivariant under a common permutation of q, k, v, so permuting, attending and
+un-permuting the output is exact. Orders are computed once per shape and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .layout import VideoLayout
+
+ORDERS = ("raster", "window3d", "tile2d", "time_major", "checkerboard")
+WINDOWS = {"window3d": (2, 8, 8), "tile2d": (1, 8, 8)}
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """Position i of the permuted sequence holds token ``index[i]``; ``inverse`` undoes it.
+
+    index, inverse: int64 [N]. num_dense: length of the leading dense region (text + sink).
+    """
+
+    index: torch.Tensor
+    inverse: torch.Tensor
+    num_dense: int
+
+
+def checkerboard_keep(height: int, width: int, tau: int) -> torch.Tensor:
+    """bool [height, width]: the 1/tau checkerboard subset, (h - w) mod tau == 0."""
+    h = torch.arange(height).unsqueeze(1)
+    w = torch.arange(width).unsqueeze(0)
+    return (h - w) % tau == 0
+
+
+def _window_key(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, window: tuple[int, int, int],
+                grid: tuple[int, int]) -> torch.Tensor:
+    """Sort key (t // ft, h // hb, w // wb, t, h, w) as one integer."""
+    ft, hb, wb = window
+    height, width = grid
+    n_hw, n_ww = -(-height // hb), -(-width // wb)
+    window_id = ((t // ft) * n_hw + h // hb) * n_ww + w // wb
+    inside = ((t % ft) * hb + h % hb) * wb + w % wb
+    return window_id * (ft * hb * wb) + inside
+
+
+def _video_key(layout: VideoLayout, frames: int, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+               order: str, tau: int) -> torch.Tensor:
+    """Sort key of the non-sink video tokens at frame t (counted from the first non-sink frame)."""
+    if order == "raster":
+        return (t * layout.height + h) * layout.width + w
+    if order == "time_major":
+        return (h * layout.width + w) * frames + t
+    if order == "checkerboard":
+        dropped = ~checkerboard_keep(layout.height, layout.width, tau)[h, w]
+        return dropped.long() * layout.video_tokens + (t * layout.height + h) * layout.width + w
+    return _window_key(t, h, w, WINDOWS[order], (layout.height, layout.width))
+
+
+@lru_cache(maxsize=128)
+def _token_order_cpu(layout: VideoLayout, order: str, sink_first_frame: bool, tau: int) -> TokenOrder:
+    video = torch.arange(layout.video_tokens)
+    t = video // layout.frame_tokens
+    h = (video // layout.width) % layout.height
+    w = video % layout.width
+    video_index = video + layout.video_start
+    text_index = torch.arange(layout.text_len) + layout.text_start
+
+    sink = t == 0 if sink_first_frame else torch.zeros_like(t, dtype=torch.bool)
+    rest = ~sink
+    t_rest = t[rest] - int(sink_first_frame)
+    frames = layout.frames - int(sink_first_frame)
+    key = _video_key(layout, frames, t_rest, h[rest], w[rest], order, tau)
+    rest_index = video_index[rest][torch.argsort(key, stable=True)]
+
+    index = torch.cat([text_index, video_index[sink], rest_index])
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel())
+    return TokenOrder(index, inverse, layout.text_len + int(sink.sum()))
+
+
+@lru_cache(maxsize=128)
+def _token_order_on(layout: VideoLayout, order: str, sink_first_frame: bool, tau: int,
+                    device: torch.device) -> TokenOrder:
+    cpu = _token_order_cpu(layout, order, sink_first_frame, tau)
+    return TokenOrder(cpu.index.to(device), cpu.inverse.to(device), cpu.num_dense)
+
+
+def token_order(layout: VideoLayout, order: str, *, sink_first_frame: bool = True, tau: int = 2,
+                device: torch.device | str = "cpu") -> TokenOrder:
+    """The cached TokenOrder of ``layout`` (``tau`` only matters for "checkerboard")."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order != "checkerboard":
+        tau = 1
+    return _token_order_on(layout, order, sink_first_frame, tau, torch.device(device))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] reordered along N: ``out[..., i, :] = x[..., index[i], :]``.
+
+    index is int64 [N] (one order for all heads) or [B, H, N] (one order per head).
+    """
+    if index.dim() == 1:
+        return x.index_select(2, index)
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))

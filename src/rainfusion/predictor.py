@@ -1,0 +1,67 @@
+"""RainFusion2.0 mask prediction: block-mean Q and K, pooled softmax, top-N / top-p blocks.
+
+Runs on permuted tokens (dense region first, see ``permutation``). One mask per batch item and
+head. The dense region's query blocks are full rows, its key blocks are always kept, and so is
+the diagonal block (``force_diagonal``); forced blocks count inside the top-N budget, so every
+non-full row keeps exactly max(N, forced) blocks. No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import RainFusion2Config
+from .mask import BlockSparseMask, num_blocks
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real tokens."""
+    n = x.shape[2]
+    blocks = num_blocks(n, block_size)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block_size - n))
+    sums = padded.unflatten(2, (blocks, block_size)).sum(3)
+    sizes = torch.full((blocks,), float(block_size), device=x.device)
+    sizes[-1] = n - (blocks - 1) * block_size
+    return sums / sizes[:, None]
+
+
+def keep_count(kv_blocks: int, sparsity: float) -> int:
+    """Top-N budget per query block: ceil(kv_blocks * (1 - sparsity)), at least 1."""
+    return max(1, math.ceil(kv_blocks * (1.0 - sparsity) - 1e-9))
+
+
+def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int,
+                       config: RainFusion2Config, scale: float) -> BlockSparseMask:
+    """BlockSparseMask [B, H] for permuted query/key [B, H, N, D] whose first ``num_dense``
+    tokens are the dense region (text + first-frame sink)."""
+    bs = config.block_size
+    n = query.shape[2]
+    blocks = num_blocks(n, bs)
+    dense_blocks = num_blocks(num_dense, bs)
+    q_mean = block_means(query, bs)
+    k_mean = block_means(key, bs)
+    probs = torch.softmax((q_mean @ k_mean.transpose(-1, -2)) * scale, dim=-1)  # [B, H, nb, nb]
+
+    block = torch.arange(blocks, device=query.device)
+    forced = (block < dense_blocks).expand(blocks, blocks)
+    if config.force_diagonal:
+        forced = forced | torch.eye(blocks, dtype=torch.bool, device=query.device)
+    forced_count = int(dense_blocks) + int(config.force_diagonal)
+    width = min(blocks, max(keep_count(blocks, config.sparsity), forced_count))
+
+    # probabilities are <= 1, so +2 ranks every forced block first
+    rank_score, ranked = torch.topk(probs + 2.0 * forced, width, dim=-1)
+    if config.selection == "topk":
+        counts = torch.full(ranked.shape[:-1], width, device=query.device)
+    else:
+        mass = torch.cumsum(rank_score - 2.0 * (rank_score > 1.0), dim=-1)
+        reach = (mass < config.top_p).sum(-1) + 1
+        counts = reach.clamp(min(forced_count, width), width)
+    counts = torch.where(block < dense_blocks, blocks, counts)
+
+    slot = torch.arange(width, device=query.device)
+    ranked = torch.where(slot < counts.unsqueeze(-1), ranked, blocks)
+    indices = torch.sort(ranked, dim=-1).values
+    return BlockSparseMask(counts.to(torch.int32), indices.to(torch.int32), n, n, bs)

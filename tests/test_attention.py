@@ -1,0 +1,155 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masks import random_block_mask
+from rainfusion import (AttentionState, BlockSparseMask, RainFusion2Config, RainFusionConfig, VideoLayout,
+                        block_sparse_attention, sparse_attention)
+from rainfusion.permutation import gather_tokens
+from rainfusion.reference import masked_attention, relative_l2
+
+LAYOUTS = [
+    VideoLayout(4, 8, 12),
+    VideoLayout(5, 7, 9, text_len=37, text_position="before"),
+    VideoLayout(3, 10, 11, text_len=21, text_position="after"),
+]
+CONFIGS = [
+    RainFusion2Config(sparsity=0.0, block_size=64),
+    RainFusion2Config(sparsity=0.0, block_size=128, permutation="tile2d", selection="topp", top_p=1.0),
+    RainFusion2Config(sparsity=0.0, block_size=64, permutation="none", sink_first_frame=False),
+    RainFusionConfig(sparsity=0.0, block_size=64),
+    RainFusionConfig(sparsity=0.0, block_size=128, sink_first_frame=False),
+]
+
+
+def qkv(layout, b=2, h=3, d=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, layout.num_tokens, d, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{type(c).__name__}-{c.block_size}")
+def test_sparsity_zero_equals_dense_sdpa(layout, config):
+    q, k, v = qkv(layout, seed=layout.num_tokens)
+    state = AttentionState()
+    out = sparse_attention(q, k, v, layout=layout, config=config, state=state)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert relative_l2(out, ref) < 1e-5
+    assert not state.stats.dense and state.stats.mean_density == 1.0
+
+
+@pytest.mark.parametrize("config", [RainFusion2Config(block_size=64), RainFusionConfig(block_size=64)])
+def test_warmup_steps_are_dense_then_sparse(config):
+    layout = LAYOUTS[1]
+    q, k, v = qkv(layout)
+    state = AttentionState(num_steps=10)
+    warmup = state.warmup_steps(config.warmup_fraction)
+    assert warmup == {0.3: 3, 0.1: 1}[config.warmup_fraction]
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for step in range(warmup + 1):
+        out = sparse_attention(q, k, v, layout=layout, config=config, state=state)
+        assert state.stats.dense == (step < warmup)
+        if step < warmup:
+            assert torch.allclose(out, ref, atol=1e-6)
+            assert state.stats.backend == "sdpa"
+        state.next_step()
+    assert state.stats.mean_density < 1.0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", [RainFusion2Config(block_size=64, sparsity=0.7),
+                                    RainFusion2Config(block_size=64, selection="topp", top_p=0.5),
+                                    RainFusionConfig(block_size=64, alpha=0.6),
+                                    RainFusionConfig.rainfusion_plus(block_size=64, alpha=0.3)])
+def test_output_is_the_masked_reference_of_the_predicted_mask(layout, config):
+    q, k, v = qkv(layout, seed=7)
+    state = AttentionState()
+    out = sparse_attention(q, k, v, layout=layout, config=config, state=state)
+    cache = state.cache
+    permuted = [gather_tokens(t, cache.order) for t in (q, k, v)]
+    ref = gather_tokens(masked_attention(*permuted, cache.mask), cache.inverse)
+    assert relative_l2(out, ref) < 1e-5
+    assert state.stats.mean_density < 1.0
+    if isinstance(config, RainFusionConfig):
+        assert sum(state.stats.pattern_counts.values()) == 6
+
+
+def test_mask_refresh_interval_reuses_the_cached_mask():
+    layout = LAYOUTS[0]
+    q, k, v = qkv(layout)
+    state = AttentionState()
+    config = RainFusion2Config(block_size=64, refresh_interval=2)
+    reused = []
+    for _ in range(4):
+        sparse_attention(q, k, v, layout=layout, config=config, state=state)
+        reused.append(state.stats.mask_reused)
+        state.next_step()
+    assert reused == [False, True, False, True]
+    q2, k2, v2 = (t[:1] for t in (q, k, v))  # a new batch size invalidates the cache
+    sparse_attention(q2, k2, v2, layout=layout, config=config, state=state)
+    assert not state.stats.mask_reused
+    state.reset()
+    assert state.step == 0 and state.cache is None
+
+
+def test_bf16_inputs_keep_their_dtype():
+    layout = LAYOUTS[2]
+    q, k, v = qkv(layout, dtype=torch.bfloat16)
+    out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(block_size=64))
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and torch.isfinite(out).all()
+
+
+def bad(**changes):
+    layout = VideoLayout(2, 8, 8)
+    q, k, v = qkv(layout, b=1, h=2, d=16)
+    args = dict(query=q, key=k, value=v, layout=layout, config=RainFusion2Config(block_size=64))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (dict(query=torch.randn(2, 128, 16)), ValueError, r"query must be 4-D \[B, heads, N, D\], got shape \(2, 128, 16\)"),
+        (dict(key=torch.randn(1, 2, 128, 16, dtype=torch.float64)), TypeError, "key has dtype torch.float64, but query has torch.float32"),
+        (dict(value=torch.randn(1, 3, 128, 16)), ValueError, r"value has batch x heads \(1, 3\), but query has \(1, 2\)"),
+        (dict(key=torch.randn(1, 2, 128, 8)), ValueError, "key has head dim 8, but query has 16"),
+        (dict(value=torch.randn(1, 2, 127, 16)), ValueError, "value has 127 tokens, but key has 128"),
+        (dict(key=torch.randn(1, 2, 128, 16, device="meta")), ValueError, "key is on meta, but query is on cpu"),
+        (dict(query=torch.randn(1, 2, 128, 16).int()), TypeError, "query must be float16, bfloat16, float32 or float64"),
+        (dict(layout=VideoLayout(3, 8, 8)), ValueError, r"query has sequence length 128, but layout 3x8x8 expects 192"),
+        (dict(config=dict(sparsity=0.5)), TypeError, "config must be a RainFusionConfig or RainFusion2Config, got dict"),
+        (dict(layout=(2, 8, 8)), TypeError, "layout must be a VideoLayout, got tuple"),
+        (dict(state="step 3"), TypeError, "state must be an AttentionState or None, got str"),
+        (dict(scale=-1.0), ValueError, "scale must be a positive float or None, got -1.0"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'portable', 'reference'\)"),
+        (dict(query="q"), TypeError, "query must be a torch.Tensor, got str"),
+    ],
+)
+def test_sparse_attention_rejects_bad_input(changes, error, match):
+    args = bad(**changes)
+    q, k, v = args.pop("query"), args.pop("key"), args.pop("value")
+    with pytest.raises(error, match=match):
+        sparse_attention(q, k, v, **args)
+
+
+def test_block_sparse_attention_rejects_bad_masks_and_backends(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="block_mask must be a BlockSparseMask, got Tensor"):
+        block_sparse_attention(q, k, v, torch.ones(1, 2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_mask is for q_len x kv_len = 256 x 256, but query/key have 200 x 200"):
+        block_sparse_attention(q, k, v, random_block_mask(1, 2, 256, 256, 64))
+    with pytest.raises(ValueError, match=r"block_mask has batch x heads = 1 x 3, expected 1 x 2"):
+        block_sparse_attention(q, k, v, random_block_mask(1, 3, 200, 200, 64))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs Triton and CUDA tensors"):
+        block_sparse_attention(q, k, v, random_block_mask(1, 2, 200, 200, 64), backend="triton")
+
+
+def test_reference_backend_matches_portable():
+    q, k, v = (torch.randn(2, 2, 300, 16) for _ in range(3))
+    mask = random_block_mask(1, 2, 300, 300, 64)
+    out = block_sparse_attention(q, k, v, mask, backend="portable")
+    ref = block_sparse_attention(q, k, v, mask, backend="reference")
+    assert relative_l2(out, ref) < 1e-5
+    assert isinstance(mask, BlockSparseMask)

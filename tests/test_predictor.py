@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from rainfusion.config import RainFusion2Config
+from rainfusion.predictor import block_means, keep_count, predict_block_mask
+
+
+def test_block_means_average_real_tokens_of_the_tail():
+    x = torch.randn(2, 3, 300, 8)
+    means = block_means(x, 128)
+    assert means.shape == (2, 3, 3, 8)
+    assert torch.allclose(means[:, :, 0], x[:, :, :128].mean(2), atol=1e-6)
+    assert torch.allclose(means[:, :, 2], x[:, :, 256:].mean(2), atol=1e-6)
+
+
+def pooled_probs(q, k, bs):
+    qm, km = block_means(q.double(), bs), block_means(k.double(), bs)
+    return torch.softmax(qm @ km.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+
+
+@pytest.mark.parametrize("n,num_dense,bs,sparsity", [(1000, 150, 64, 0.8), (1500, 0, 128, 0.5), (777, 300, 64, 0.9)])
+def test_topk_keeps_forced_blocks_then_the_highest_pooled_scores(n, num_dense, bs, sparsity):
+    g = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(2, 3, n, 16, generator=g) for _ in range(2))
+    config = RainFusion2Config(sparsity=sparsity, block_size=bs)
+    mask = predict_block_mask(q, k, num_dense=num_dense, config=config, scale=16**-0.5)
+    blocks = mask.kv_blocks
+    dense_blocks = -(-num_dense // bs)
+    kept = mask.to_dense()
+    probs = pooled_probs(q, k, bs)
+    budget = max(keep_count(blocks, sparsity), dense_blocks + 1)
+    assert kept[:, :, :dense_blocks].all(), "dense-region rows must be full"
+    assert kept[..., :dense_blocks].all(), "dense-region columns must be kept"
+    assert kept.diagonal(dim1=-2, dim2=-1).all(), "diagonal must be kept"
+    for b in range(2):
+        for h in range(3):
+            for row in range(dense_blocks, blocks):
+                forced = set(range(dense_blocks)) | {row}
+                others = [c for c in torch.argsort(probs[b, h, row], descending=True).tolist() if c not in forced]
+                want = forced | set(others[: budget - len(forced)])
+                assert set(torch.nonzero(kept[b, h, row]).flatten().tolist()) == want
+    # realized density: exactly the budget on every sparse row
+    assert (mask.counts[:, :, dense_blocks:] == budget).all()
+    if dense_blocks + 1 <= blocks * (1 - sparsity):  # forced blocks fit in the top-N budget
+        assert 0 <= budget - blocks * (1 - sparsity) < 1  # within one block per row of the target
+
+
+def test_topp_keeps_the_fewest_blocks_reaching_the_mass_and_at_most_topk():
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 2, 2048, 32, generator=g) * 2 for _ in range(2))
+    config = RainFusion2Config(sparsity=0.5, block_size=64, selection="topp", top_p=0.6, force_diagonal=False)
+    mask = predict_block_mask(q, k, num_dense=0, config=config, scale=32**-0.5)
+    probs = pooled_probs(q, k, 64)
+    kept = mask.to_dense()
+    budget = keep_count(32, 0.5)
+    for h in range(2):
+        for row in range(32):
+            ordered = torch.sort(probs[0, h, row], descending=True).values
+            fewest = int((torch.cumsum(ordered, 0) < 0.6).sum()) + 1
+            assert mask.counts[0, h, row] == min(fewest, budget)
+            assert kept[0, h, row].sum() == min(fewest, budget)
+            mass = probs[0, h, row][kept[0, h, row]].sum()
+            assert mass >= 0.6 - 1e-6 or kept[0, h, row].sum() == budget
+
+
+def test_mask_is_per_batch_item_and_head():
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(2, 2, 1024, 16, generator=g) for _ in range(2))
+    mask = predict_block_mask(q, k, num_dense=0, config=RainFusion2Config(block_size=64), scale=0.25)
+    dense = mask.to_dense()
+    assert not torch.equal(dense[0], dense[1]) and not torch.equal(dense[:, 0], dense[:, 1])
