@@ -11,7 +11,7 @@ from rainfusion.reference import masked_attention, relative_l2
 LAYOUTS = [
     VideoLayout(4, 8, 12),
     VideoLayout(5, 7, 9, text_len=37, text_position="before"),
-    VideoLayout(3, 10, 11, text_len=21, text_position="after"),
+    VideoLayout(3, 16, 11, text_len=21, text_position="after"),
 ]
 CONFIGS = [
     RainFusion2Config(sparsity=0.0, block_size=64),
@@ -153,3 +153,17 @@ def test_reference_backend_matches_portable():
     ref = block_sparse_attention(q, k, v, mask, backend="reference")
     assert relative_l2(out, ref) < 1e-5
     assert isinstance(mask, BlockSparseMask)
+
+
+def test_triton_backend_runs_both_methods_like_the_portable_one():
+    pytest.importorskip("triton")
+    layout = VideoLayout(4, 8, 16, text_len=30, text_position="after")
+    q, k, v = qkv(layout, b=1, h=2, d=64, seed=11, dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
+    if torch.cuda.is_available():
+        q, k, v = (t.cuda() for t in (q, k, v))
+    for config in (RainFusion2Config(block_size=64), RainFusionConfig(block_size=64, alpha=0.5)):
+        portable = sparse_attention(q, k, v, layout=layout, config=config, backend="portable")
+        state = AttentionState()
+        triton_out = sparse_attention(q, k, v, layout=layout, config=config, state=state, backend="triton")
+        assert state.stats.backend == "triton"
+        assert relative_l2(triton_out, portable) < (2e-3 if q.dtype == torch.float16 else 1e-5)

@@ -41,16 +41,24 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend name that will run on ``device`` for the requested ``backend``."""
+def resolve_backend(backend: str, query: torch.Tensor) -> str:
+    """The backend name that will run ``query`` [B, H, N, D] for the requested ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = query.device
     if backend == "auto":
-        if device.type == "cuda":
-            if triton_available():
-                return "triton"
+        if device.type != "cuda":
+            return "portable"
+        if not triton_available():
             log_once("rainfusion: Triton is not installed; using the slower portable backend on CUDA")
-        return "portable"
+            return "portable"
+        from .kernels.block_sparse import DTYPES, HEAD_DIMS
+
+        if query.dtype not in DTYPES or query.shape[-1] not in HEAD_DIMS:
+            log_once(f"rainfusion: the Triton kernel takes {DTYPES} and head dims {HEAD_DIMS}; "
+                     f"{query.dtype} with head dim {query.shape[-1]} runs on the slower portable backend")
+            return "portable"
+        return "triton"
     if backend == "triton" and not (triton_available() and _triton_runs_on(device)):
         raise ValueError(
             f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1), got tensors on "

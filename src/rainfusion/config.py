@@ -99,7 +99,8 @@ class RainFusion2Config:
     """RainFusion2.0: block-mean top-N (or top-p) block selection on permuted tokens.
 
     sparsity: nominal fraction of key blocks skipped per query block; each query block keeps
-        ceil(kv_blocks * (1 - sparsity)) blocks, forced blocks included.
+        ceil(kv_blocks * (1 - sparsity)) blocks on top of its forced ones (text, first-frame
+        sink, diagonal).
     permutation: "window3d" (2x8x8 spatiotemporal windows), "tile2d" (8x8 tiles per frame) or
         "none" (raster order) applied to the video tokens so that a block is a compact region.
     selection: "topk" keeps the top-N blocks; "topp" keeps the fewest blocks whose pooled

@@ -2,8 +2,9 @@
 
 Runs on permuted tokens (dense region first, see ``permutation``). One mask per batch item and
 head. The dense region's query blocks are full rows, its key blocks are always kept, and so is
-the diagonal block (``force_diagonal``); forced blocks count inside the top-N budget, so every
-non-full row keeps exactly max(N, forced) blocks. No host synchronisation.
+the diagonal block (``force_diagonal``). The top-N budget is spent on the other blocks, so every
+non-full row keeps its forced blocks plus N more (the realized density is the nominal one plus
+the forced blocks, reported by ``BlockSparseMask.density``). No host synchronisation.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     forced = (block < dense_blocks).expand(blocks, blocks)
     if config.force_diagonal:
         forced = forced | torch.eye(blocks, dtype=torch.bool, device=query.device)
-    forced_count = int(dense_blocks) + int(config.force_diagonal)
-    width = min(blocks, max(keep_count(blocks, config.sparsity), forced_count))
+    forced_count = min(blocks, dense_blocks + int(config.force_diagonal))
+    width = min(blocks, keep_count(blocks, config.sparsity) + forced_count)
 
     # probabilities are <= 1, so +2 ranks every forced block first
     rank_score, ranked = torch.topk(probs + 2.0 * forced, width, dim=-1)
@@ -58,7 +59,7 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     else:
         mass = torch.cumsum(rank_score - 2.0 * (rank_score > 1.0), dim=-1)
         reach = (mass < config.top_p).sum(-1) + 1
-        counts = reach.clamp(min(forced_count, width), width)
+        counts = reach.clamp(forced_count, width)
     counts = torch.where(block < dense_blocks, blocks, counts)
 
     slot = torch.arange(width, device=query.device)

@@ -44,6 +44,30 @@ def masked_attention(
     return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
 
 
+def attention_recall(query: torch.Tensor, key: torch.Tensor, mask: BlockSparseMask, inverse: torch.Tensor,
+                     *, scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [B, H]: dense attention mass inside the mask, averaged over query rows.
+
+    query/key [B, H, N, D] in the original token order; ``mask`` was built on tokens permuted by
+    an order whose inverse is ``inverse`` (int64 [N] or [B, H, N]: original token -> position).
+    ``rows`` (int64 [R]) restricts the average to those query tokens; memory is O(R * N).
+    """
+    b, h, n, _ = query.shape
+    rows = torch.arange(n, device=query.device) if rows is None else rows
+    position = inverse.expand(b, h, n)
+    q_block = position[..., rows] // mask.block_size  # [B, H, R]
+    k_block = position // mask.block_size  # [B, H, N]
+    kept = mask.expand(b, h).to_dense()  # [B, H, qb, kb]
+    recall = torch.zeros(b, h, dtype=torch.float64, device=query.device)
+    for chunk in torch.arange(rows.numel(), device=query.device).split(256):
+        q = query[:, :, rows[chunk]].double()
+        probs = torch.softmax((q @ key.double().transpose(-1, -2)) * scale, dim=-1)  # [B, H, c, N]
+        row_blocks = torch.gather(kept, 2, q_block[..., chunk, None].expand(-1, -1, -1, kept.shape[-1]))
+        inside = torch.gather(row_blocks, 3, k_block.unsqueeze(2).expand(-1, -1, chunk.numel(), -1))
+        recall += (probs * inside).sum((-1, -2))
+    return recall / rows.numel()
+
+
 def relative_l2(output: torch.Tensor, target: torch.Tensor) -> float:
     """||output - target|| / ||target|| in float64."""
     out, ref = output.double(), target.double()

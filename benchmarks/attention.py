@@ -1,0 +1,153 @@
+"""Kernel benchmark on a GPU: dense baselines vs block-sparse backends with the same mask.
+
+For each preset and density: SDPA cuDNN, SDPA flash, FA4 dense (once per preset), then with one
+random 128-block mask (diagonal kept): compiled FlexAttention, FA4 block-sparse, our Triton
+kernel (BHND and BNHD inputs) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
+into permute / predict / attention / un-permute, and the v1 ARM. Prints a table last and writes
+JSON (card name and date inside).
+
+    python benchmarks/attention.py --out results.json [--presets hunyuan-720p ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rainfusion import BlockSparseMask, RainFusion2Config, RainFusionConfig, block_sparse_attention, sparse_attention
+from rainfusion.arm import recognise_heads
+from rainfusion.benchmark import PRESETS
+from rainfusion.kernels.fa4 import block_sparse_attention_fa4, dense_attention_fa4, fa4_available
+from rainfusion.permutation import gather_tokens, token_order
+from rainfusion.predictor import predict_block_mask
+
+
+def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 50) -> float:
+    """Median of CUDA-event timings after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    runs = int(min(max_runs, max(min_runs, budget_ms // max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def random_block_mask(batch: int, heads: int, n: int, density: float, block_size: int = 128,
+                      seed: int = 0) -> BlockSparseMask:
+    """ceil(density * blocks) random key blocks per query block, the diagonal always among them."""
+    blocks = -(-n // block_size)
+    keep = min(blocks, max(1, math.ceil(density * blocks - 1e-9)))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(batch, heads, blocks, blocks, device="cuda", generator=g)
+    scores += 2.0 * torch.eye(blocks, device="cuda")
+    indices = torch.topk(scores, keep, dim=-1).indices.sort(-1).values.to(torch.int32)
+    counts = torch.full((batch, heads, blocks), keep, dtype=torch.int32, device="cuda")
+    return BlockSparseMask(counts, indices, n, n, block_size)
+
+
+def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[dict]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    spec = PRESETS[name]
+    layout, heads, d = spec.layout, spec.heads, spec.head_dim
+    n = layout.num_tokens
+    scale = d**-0.5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bnhd = [torch.randn(1, n, heads, d, device="cuda", dtype=dtype, generator=g) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2).contiguous() for t in bnhd)  # [B, H, N, D] contiguous
+    views = [t.transpose(1, 2) for t in bnhd]  # [B, H, N, D] views of [B, N, H, D] memory
+    rows = []
+
+    def add(provider: str, density: float, ms: float, **extra) -> None:
+        rows.append(dict(preset=name, provider=provider, density=density, ms=ms, **extra))
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        add("sdpa-cudnn", 1.0, time_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        add("sdpa-flash", 1.0, time_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
+    has_fa4 = fa4_available()
+    if has_fa4:
+        add("fa4-dense", 1.0, time_ms(lambda: dense_attention_fa4(*views, scale=scale)))
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    for density in densities:
+        mask = random_block_mask(1, heads, n, density)
+        realized = float(mask.density().mean())
+        flex_mask = mask.to_flex_block_mask()
+        add("flex", density, time_ms(lambda: flex(q, k, v, block_mask=flex_mask, scale=scale)), realized=realized)
+        if has_fa4:
+            add("fa4-sparse", density, time_ms(lambda: block_sparse_attention_fa4(*views, mask, scale=scale)),
+                realized=realized)
+        add("triton", density, time_ms(lambda: block_sparse_attention(q, k, v, mask, backend="triton")),
+            realized=realized)
+        add("triton-bnhd", density, time_ms(lambda: block_sparse_attention(*views, mask, backend="triton")),
+            realized=realized)
+        add("auto", density, time_ms(lambda: block_sparse_attention(q, k, v, mask)), realized=realized)
+
+    # RainFusion2.0 end to end at its video preset, and its parts
+    config = RainFusion2Config()
+    order = token_order(layout, config.permutation, device="cuda")
+    permuted = [gather_tokens(t, order.index) for t in (q, k, v)]
+    mask = predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense, config=config, scale=scale)
+    v2_density = float(mask.density().mean())
+    add("v2-permute", v2_density, time_ms(lambda: [gather_tokens(t, order.index) for t in (q, k, v)]))
+    add("v2-predict", v2_density, time_ms(lambda: predict_block_mask(
+        permuted[0], permuted[1], num_dense=order.num_dense, config=config, scale=scale)))
+    add("v2-attention", v2_density, time_ms(lambda: block_sparse_attention(*permuted, mask)))
+    add("v2-unpermute", v2_density, time_ms(lambda: gather_tokens(permuted[0], order.inverse)))
+    add("v2-end-to-end", v2_density, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config)))
+    v1 = RainFusionConfig()
+    add("v1-arm", 0.5, time_ms(lambda: recognise_heads(q, k, layout, v1, scale=scale)))
+    add("v1-end-to-end", 0.5, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=v1)))
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'preset':<15} {'provider':<14} {'density':>7} {'ms':>9} {'vs cuDNN':>8}"]
+    cudnn = {r["preset"]: r["ms"] for r in rows if r["provider"] == "sdpa-cudnn"}
+    for r in rows:
+        lines.append(f"{r['preset']:<15} {r['provider']:<14} {r.get('realized', r['density']):>7.3f} "
+                     f"{r['ms']:>9.2f} {cudnn[r['preset']] / r['ms']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["wan-1.3b-480p", "cogvideox-5b", "wan-14b-720p", "hunyuan-720p"])
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.1])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--out", help="JSON output path")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name in args.presets:
+        rows += bench_preset(name, args.densities, dtype)
+        torch.cuda.empty_cache()
+    report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  dtype=args.dtype, fa4=fa4_available(), rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"{report['card']}  {report['date']}  torch {report['torch']}  {args.dtype}")
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Block-sparse attention forward, FlashAttention-2 style (the Triton kernel only).
+
+One program computes one query block of one (batch, head): it walks the key blocks listed in
+its row of the mask (every key block for a full row) as BLOCK_N-wide tiles, with an online
+softmax in float32. To run on CPU (Triton's interpreter), ``TRITON_INTERPRET=1`` must be set
+before triton is first imported: ``@triton.jit`` reads it when it decorates a function, Triton's
+own ``tl.*`` helpers included.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
+def block_sparse_fwd_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr,
+    # strides, per tensor: (batch, head, token, dim); lse (batch, head, token); mask (batch, head, row[, slot])
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_iw,
+    # sizes (runtime)
+    num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
+    # compile-time
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    BLOCK_M: tl.constexpr,  # query block = mask block size
+    BLOCK_N: tl.constexpr,  # key tile; divides BLOCK_M
+    HAS_KV_VALID: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+):
+    """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] (any strides); lse float32 [B, H, Nq];
+    counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B].
+    Grid: (q_blocks, B * H)."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    row64 = row.to(tl.int64)
+
+    offs_m = row * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < q_len
+
+    q_ptrs = (q_ptr + b * stride_qb + h * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    index_row = indices_ptr + b * stride_ib + h * stride_ih + row64 * stride_im
+    count = tl.load(counts_ptr + b * stride_cb + h * stride_ch + row64 * stride_cm)
+    is_full = count == kv_blocks
+    is_sparse = count != kv_blocks
+    kv_end = kv_len
+    if HAS_KV_VALID:
+        kv_end = tl.minimum(kv_end, tl.load(kv_valid_ptr + b))
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for it in range(0, count * TILES_PER_BLOCK):
+        slot = it // TILES_PER_BLOCK
+        # full rows read no table entry (the table may be narrower than kv_blocks)
+        listed = tl.load(index_row + slot * stride_iw, mask=is_sparse, other=0)
+        kv_block = tl.where(is_full, slot, listed)
+        offs_n = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        kv_offs = offs_n.to(tl.int64)[:, None]
+        k = tl.load(k_base + kv_offs * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen no key yet keep m = -inf: subtract 0 instead to avoid inf - inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kv_offs * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0  # rows that saw no key output 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    out_ptrs = (out_ptr + b * stride_ob + h * stride_oh
+                + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:
+        # natural log: (m + log2 l) * ln 2
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m.to(tl.int64) * stride_ln, lse, mask=m_ok)

@@ -1,0 +1,165 @@
+"""Launcher for the Triton block-sparse attention forward, registered as a torch custom op.
+
+``block_sparse_attention_triton`` validates its inputs, unpacks the BlockSparseMask and calls
+``torch.ops.rainfusion.block_sparse_attention_triton`` (plain tensors and scalars, with a fake
+implementation so torch.compile can trace it). It never synchronises with the host.
+
+The kernel runs on CUDA tensors; on CPU it runs under Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before triton was first imported (float32 is accepted there only).
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+import triton
+from triton.runtime import JITFunction
+
+from ..mask import BlockSparseMask, num_blocks
+from . import _block_sparse_fwd
+
+HEAD_DIMS = (64, 96, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+INTERPRETER_DTYPES = DTYPES + (torch.float32,)
+
+# (BLOCK_M, BLOCK_D) -> (BLOCK_N, num_warps, num_stages) for H100, bf16/fp16. Not timed yet:
+# compiled for sm_90 (Triton 3.6), each pipelines K/V with cp.async, uses wgmma and does not
+# spill (126 / 176 / 127 / 173 registers, 64 / 128 / 56 / 80 KiB of shared memory).
+_CONFIGS = {
+    (128, 64): (64, 8, 3),
+    (128, 128): (64, 8, 3),
+    (64, 64): (64, 4, 3),
+    (64, 128): (64, 4, 2),
+}
+
+
+# True when the kernel was decorated under TRITON_INTERPRET=1 (then it runs on CPU tensors).
+INTERPRETED = not isinstance(_block_sparse_fwd.block_sparse_fwd_kernel, JITFunction)
+
+
+def _empty_output(query: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] in the memory layout of ``query``: [B, N, H, D] memory if its heads are the
+    inner dim (a transposed view), else contiguous."""
+    b, h, n, d = query.shape
+    if query.stride(1) < query.stride(2):
+        return query.new_empty(b, n, h, d).transpose(1, 2)
+    return query.new_empty(b, h, n, d)
+
+
+def _empty_lse(query: torch.Tensor, return_lse: bool) -> torch.Tensor:
+    """float32 [B, H, N] when requested, else an empty placeholder."""
+    shape = query.shape[:3] if return_lse else (0,)
+    return query.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("rainfusion::block_sparse_attention_triton", mutates_args=())
+def _block_sparse_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    kv_valid_len: Optional[torch.Tensor],
+    block_size: int,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
+    and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None.
+    Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    out = _empty_output(query)
+    lse = _empty_lse(query, return_lse)
+    block_d = triton.next_power_of_2(d)
+    block_n, num_warps, num_stages = _CONFIGS[(block_size, block_d)]
+    lse_strides = lse.stride() if return_lse else (0, 0, 0)
+    kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
+    grid = (num_blocks(q_len, block_size), b * h)
+    _block_sparse_fwd.block_sparse_fwd_kernel[grid](
+        query, key, value, out, lse if return_lse else None, counts, indices, kv_valid,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *lse_strides,
+        *counts.stride(), *indices.stride(),
+        h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_size, BLOCK_N=block_n,
+        HAS_KV_VALID=kv_valid_len is not None, RETURN_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+@_block_sparse_attention_op.register_fake
+def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse):
+    return _empty_output(query), _empty_lse(query, return_lse)
+
+
+def _check_inputs(query: object, key: object, value: object, mask: object,
+                  kv_valid_len: object) -> None:
+    """Raise TypeError/ValueError naming the first bad argument."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}")
+    if query.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"query is on {query.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 "
+            "set before triton is first imported)"
+        )
+    dtypes = INTERPRETER_DTYPES if INTERPRETED else DTYPES
+    if query.dtype not in dtypes:
+        raise TypeError(f"query dtype must be one of {dtypes}, got {query.dtype}")
+    b, h, q_len, d = query.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"query head dim must be one of {HEAD_DIMS}, got {d}")
+    if key.shape[:2] != (b, h) or key.shape[3] != d:
+        raise ValueError(f"key must be [{b}, {h}, Nk, {d}] to match query, got {tuple(key.shape)}")
+    if value.shape != key.shape:
+        raise ValueError(f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
+    if (mask.q_len, mask.kv_len) != (q_len, key.shape[2]):
+        raise ValueError(
+            f"mask is for q_len x kv_len = {mask.q_len} x {mask.kv_len}, but query/key have "
+            f"{q_len} x {key.shape[2]}"
+        )
+    if mask.counts.device != query.device:
+        raise ValueError(f"mask is on {mask.counts.device} but query is on {query.device}")
+    if kv_valid_len is not None:
+        if not isinstance(kv_valid_len, torch.Tensor) or kv_valid_len.dtype != torch.int32:
+            got = kv_valid_len.dtype if isinstance(kv_valid_len, torch.Tensor) else type(kv_valid_len).__name__
+            raise TypeError(f"kv_valid_len must be an int32 tensor, got {got}")
+        if kv_valid_len.shape != (b,):
+            raise ValueError(f"kv_valid_len must have shape [{b}], got {tuple(kv_valid_len.shape)}")
+        if kv_valid_len.device != query.device:
+            raise ValueError(f"kv_valid_len is on {kv_valid_len.device} but query is on {query.device}")
+
+
+def block_sparse_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: BlockSparseMask,
+    *,
+    scale: float,
+    kv_valid_len: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
+
+    query [B, H, Nq, D], key/value [B, H, Nk, D] with D in (64, 96, 128), bf16 or fp16 (views of
+    [B, N, H, D] memory are read in place); mask of batch/heads B or 1 and H or 1. Keys at
+    positions >= ``kv_valid_len[b]`` (int32 [B]) are masked out; rows that see no key give 0.
+    Returns out [B, H, Nq, D] (same memory layout as query) and, with ``return_lse``, the
+    natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
+    """
+    _check_inputs(query, key, value, mask, kv_valid_len)
+    mask = mask.expand(query.shape[0], query.shape[1])
+    out, lse = _block_sparse_attention_op(
+        query, key, value, mask.counts, mask.indices, kv_valid_len, mask.block_size, float(scale), return_lse
+    )
+    return (out, lse) if return_lse else out

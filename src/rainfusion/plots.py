@@ -1,0 +1,47 @@
+"""Pictures of a benchmark run (needs matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+from .head_patterns import PATTERN_NAMES
+from .state import AttentionState
+
+
+def plot_bench(report: dict, states: dict[str, AttentionState], path: str) -> None:
+    """Write a PNG: error vs density per method, v1 head patterns, one v2 block mask."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install 'rainfusion[plot]'") from error
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    for r in report["results"]:
+        ax.scatter(r["density"], r["rel_l2"], s=40)
+        ax.annotate(r["method"], (r["density"], r["rel_l2"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="realized density", ylabel="relative L2 error vs dense", title=f"error vs density ({report['preset']})")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    v1 = next((s for name, s in states.items() if s.stats.patterns is not None), None)
+    if v1 is not None:
+        ax.imshow(v1.stats.patterns.cpu(), cmap=ListedColormap(["tab:blue", "tab:orange", "tab:green"]),
+                  vmin=0, vmax=2, aspect="auto")
+        ax.set(xlabel="head", ylabel="batch item", title="ARM head patterns: " + " / ".join(PATTERN_NAMES))
+    else:
+        ax.axis("off")
+
+    ax = axes[2]
+    v2 = next(((name, s) for name, s in states.items() if s.stats.patterns is None), None)
+    if v2 is not None:
+        name, state = v2
+        ax.imshow(state.cache.mask.to_dense()[0, 0].cpu(), cmap="Greys", interpolation="nearest")
+        ax.set(xlabel="key block", ylabel="query block", title=f"{name} block mask (batch 0, head 0)")
+    else:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
