@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all] [extra args for benchmarks/attention.py]
+set -uo pipefail
+what=${1:-all}; shift || true
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .fa4b ] && [ -d /tmp/fa4parts ] && [ ! -d /tmp/fa4site/flash_attn ]; then
+  cp .fa4b/* /tmp/fa4parts/ && (cd /tmp/fa4parts && cat cu13part_aa cu13part_ab > nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && rm cu13part_* \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4site ./*.whl) || echo "FA4 install failed"
+fi
+if [ -d /tmp/fa4site/flash_attn ]; then
+  export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+fi
+if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; from rainfusion.kernels.fa4 import fa4_available as f; print('torch', torch.__version__, 'triton', triton.__version__, 'fa4', f())"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k triton 2>&1 | tail -3
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout 540 python3 benchmarks/attention.py --out "$out/attention.json" "$@" 2>&1 | grep -v Warning | tail -60
+fi
