@@ -3,7 +3,8 @@
 For each preset and density: SDPA cuDNN, SDPA flash, FA4 dense (once per preset), then with one
 random 128-block mask (diagonal kept): compiled FlexAttention, FA4 block-sparse, our Triton
 kernel (BHND and BNHD inputs) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
-into permute / predict / attention / un-permute, and the v1 ARM. Prints a table last and writes
+into permute / predict / attention / un-permute (auto backend, and end to end on Triton), the v1
+ARM and v1 end to end, and cuDNN once more for the run-to-run spread. Prints a table last and writes
 JSON (card name and date inside).
 
     python benchmarks/attention.py --out results.json [--presets hunyuan-720p ...] [--quick]
@@ -113,9 +114,13 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
     add("v2-attention", v2_density, time_ms(lambda: block_sparse_attention(*permuted, mask)))
     add("v2-unpermute", v2_density, time_ms(lambda: gather_tokens(permuted[0], order.inverse)))
     add("v2-end-to-end", v2_density, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config)))
+    add("v2-end-to-end-triton", v2_density,
+        time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config, backend="triton")))
     v1 = RainFusionConfig()
     add("v1-arm", 0.5, time_ms(lambda: recognise_heads(q, k, layout, v1, scale=scale)))
     add("v1-end-to-end", 0.5, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=v1)))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # the baseline again: run-to-run spread
+        add("sdpa-cudnn-again", 1.0, time_ms(lambda: F.scaled_dot_product_attention(q, k, v)))
     return rows
 
 

@@ -122,7 +122,7 @@ def bad(**changes):
         (dict(layout=(2, 8, 8)), TypeError, "layout must be a VideoLayout, got tuple"),
         (dict(state="step 3"), TypeError, "state must be an AttentionState or None, got str"),
         (dict(scale=-1.0), ValueError, "scale must be a positive float or None, got -1.0"),
-        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'portable', 'reference'\)"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'fa4', 'triton', 'portable', 'reference'\)"),
         (dict(query="q"), TypeError, "query must be a torch.Tensor, got str"),
     ],
 )
@@ -167,3 +167,9 @@ def test_triton_backend_runs_both_methods_like_the_portable_one():
         triton_out = sparse_attention(q, k, v, layout=layout, config=config, state=state, backend="triton")
         assert state.stats.backend == "triton"
         assert relative_l2(triton_out, portable) < (2e-3 if q.dtype == torch.float16 else 1e-5)
+
+
+def test_fa4_backend_is_refused_where_it_does_not_apply():
+    q, k, v = (torch.randn(1, 2, 200, 64) for _ in range(3))
+    with pytest.raises(ValueError, match="backend='fa4' needs flash-attn-4 on an SM90\\+ GPU"):
+        block_sparse_attention(q, k, v, random_block_mask(1, 2, 200, 200, 64), backend="fa4")

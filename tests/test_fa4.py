@@ -18,12 +18,12 @@ def _qkv(n, h=4, d=128, seed=0):
     return [t.transpose(1, 2) for t in bnhd]
 
 
-@pytest.mark.parametrize("n", [4096, 4000])
-def test_fa4_block_sparse_matches_the_masked_reference(n):
-    q, k, v = _qkv(n, seed=n)
+@pytest.mark.parametrize("n,d", [(4096, 128), (4000, 128), (3001, 64)])
+def test_fa4_block_sparse_matches_the_masked_reference(n, d):
+    q, k, v = _qkv(n, d=d, seed=n)
     m = random_block_mask(1, 4, n, n, 128, density=0.3, generator=torch.Generator().manual_seed(n))
     mask = BlockSparseMask(m.counts.cuda(), m.indices.cuda(), n, n, 128)
-    out = block_sparse_attention_fa4(q, k, v, mask, scale=128**-0.5)
+    out = block_sparse_attention_fa4(q, k, v, mask, scale=d**-0.5)
     want = masked_attention(q, k, v, mask)
     assert relative_l2(out, want) < 1.5e-2
     assert torch.equal(out[:, :, 128:256], torch.zeros_like(out[:, :, 128:256]))  # the empty row
@@ -33,3 +33,15 @@ def test_fa4_dense_matches_sdpa():
     q, k, v = _qkv(3000)
     out = dense_attention_fa4(q, k, v, scale=128**-0.5)
     assert relative_l2(out, masked_attention(q, k, v)) < 1.5e-2
+
+
+def test_auto_picks_fa4_and_sparse_attention_runs_on_it():
+    from rainfusion import AttentionState, RainFusion2Config, VideoLayout, sparse_attention
+
+    layout = VideoLayout(5, 16, 32, text_len=40, text_position="after")
+    q, k, v = _qkv(layout.num_tokens)
+    state = AttentionState()
+    out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(), state=state)
+    assert state.stats.backend == "fa4"
+    triton_out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(), backend="triton")
+    assert relative_l2(out, triton_out) < 1e-2

@@ -72,7 +72,7 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     if block_mask.counts.device != query.device:
         raise ValueError(f"block_mask is on {block_mask.counts.device}, but query is on {query.device}")
     mask = block_mask.expand(b, h)
-    name = resolve_backend(backend, query)
+    name = resolve_backend(backend, query, mask.block_size)
     return run_block_sparse(name, query, key, value, mask, _check_scale(scale, d))
 
 
@@ -129,7 +129,7 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             state.stats = AttentionStats(method, "sdpa", step, True, torch.ones(b, h, device=query.device))
         return out
 
-    name = resolve_backend(backend, query)
+    name = resolve_backend(backend, query, config.block_size)
     cache_key = (tuple(query.shape), query.device, layout, config)
     cache = state.cache if state is not None else None
     sparse_step = step - warmup

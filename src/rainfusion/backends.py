@@ -1,10 +1,12 @@
 """Which implementation runs a block-sparse attention call.
 
+- ``fa4``: FlashAttention-4's block-sparse forward (optional ``flash-attn-4``, SM90+ GPUs,
+  bf16/fp16, head dims 64/128, 128-token blocks): the fastest measured on an H100;
 - ``triton``: our Triton kernel (CUDA GPUs; CPU only under ``TRITON_INTERPRET=1``);
 - ``portable``: plain PyTorch, any device;
 - ``reference``: float64 masked dense attention, for tests on small inputs;
-- ``auto``: ``triton`` on CUDA when Triton imports, else ``portable`` (logged once when a GPU
-  falls back).
+- ``auto``: on CUDA ``fa4`` where it applies, else ``triton``, else ``portable`` (a fallback
+  from the fastest kernel is logged once); ``portable`` elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .mask import BlockSparseMask
 from .portable import block_sparse_attention_portable
 from .reference import masked_attention
 
-BACKENDS = ("auto", "triton", "portable", "reference")
+BACKENDS = ("auto", "fa4", "triton", "portable", "reference")
 logger = logging.getLogger("rainfusion")
 
 
@@ -41,14 +43,24 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, query: torch.Tensor) -> str:
-    """The backend name that will run ``query`` [B, H, N, D] for the requested ``backend``."""
+def _fa4_applies(query: torch.Tensor, block_size: int) -> bool:
+    from .kernels.fa4 import HEAD_DIMS, fa4_available
+
+    return (fa4_available(query.device.index or 0) and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] in HEAD_DIMS and block_size == 128)
+
+
+def resolve_backend(backend: str, query: torch.Tensor, block_size: int) -> str:
+    """The backend that will run ``query`` [B, H, N, D] with masks of ``block_size`` for the
+    requested ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = query.device
     if backend == "auto":
         if device.type != "cuda":
             return "portable"
+        if _fa4_applies(query, block_size):
+            return "fa4"
         if not triton_available():
             log_once("rainfusion: Triton is not installed; using the slower portable backend on CUDA")
             return "portable"
@@ -64,12 +76,21 @@ def resolve_backend(backend: str, query: torch.Tensor) -> str:
             f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1), got tensors on "
             f"{device}; use backend='portable' or 'auto'"
         )
+    if backend == "fa4" and not (device.type == "cuda" and _fa4_applies(query, block_size)):
+        raise ValueError(
+            "backend='fa4' needs flash-attn-4 on an SM90+ GPU, bf16/fp16 tensors, head dim 64 or 128 and "
+            f"128-token blocks; got {query.dtype}, head dim {query.shape[-1]}, block {block_size} on {device}"
+        )
     return backend
 
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: BlockSparseMask, scale: float) -> torch.Tensor:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype."""
+    if backend == "fa4":
+        from .kernels.fa4 import block_sparse_attention_fa4
+
+        return block_sparse_attention_fa4(query, key, value, mask, scale=scale)
     if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention_triton
 

@@ -20,11 +20,14 @@ from .mask import BlockSparseMask, num_blocks
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real tokens."""
     n = x.shape[2]
-    blocks = num_blocks(n, block_size)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block_size - n))
-    sums = padded.unflatten(2, (blocks, block_size)).sum(3)
-    sizes = torch.full((blocks,), float(block_size), device=x.device)
-    sizes[-1] = n - (blocks - 1) * block_size
+    whole = n // block_size
+    # sum with an fp32 accumulator straight from the input: no fp32 copy of x
+    sums = x[:, :, : whole * block_size].unflatten(2, (whole, block_size)).sum(3, dtype=torch.float32)
+    sizes = torch.full((whole,), float(block_size), device=x.device)
+    if whole * block_size < n:
+        tail = x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=torch.float32)
+        sums = torch.cat([sums, tail], dim=2)
+        sizes = torch.cat([sizes, sizes.new_full((1,), n - whole * block_size)])
     return sums / sizes[:, None]
 
 

@@ -2,13 +2,56 @@
 
 One program computes one query block of one (batch, head): it walks the key blocks listed in
 its row of the mask (every key block for a full row) as BLOCK_N-wide tiles, with an online
-softmax in float32. To run on CPU (Triton's interpreter), ``TRITON_INTERPRET=1`` must be set
-before triton is first imported: ``@triton.jit`` reads it when it decorates a function, Triton's
-own ``tl.*`` helpers included.
+softmax in float32. Listed blocks are ascending, so only the last one can hold the key tail:
+every tile but the last block's runs without key masking. To run on CPU (Triton's
+interpreter), ``TRITON_INTERPRET=1`` must be set before triton is first imported.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q,
+    k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+    first_tile, end_tile, is_full, kv_end, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over tiles [first_tile, end_tile) of the row."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for it in range(first_tile, end_tile):
+        slot = it // TILES_PER_BLOCK
+        # full rows read no table entry (the table may be narrower than kv_blocks)
+        listed = tl.load(index_row + slot * stride_iw, mask=is_full == 0, other=0)
+        kv_block = tl.where(is_full, slot, listed)
+        offs_n = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_offs = offs_n.to(tl.int64)[:, None]
+        if MASK_KEYS:
+            n_ok = offs_n < kv_end
+            k = tl.load(k_base + kv_offs * stride_kn, mask=n_ok[:, None] & d_ok, other=0.0)
+            v = tl.load(v_base + kv_offs * stride_vn, mask=n_ok[:, None] & d_ok, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_base + kv_offs * stride_kn)
+            v = tl.load(v_base + kv_offs * stride_vn)
+        else:
+            k = tl.load(k_base + kv_offs * stride_kn, mask=d_ok, other=0.0)
+            v = tl.load(v_base + kv_offs * stride_vn, mask=d_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        if MASK_KEYS:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+        # rows that have seen no key yet keep m = -inf: subtract 0 instead to avoid inf - inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale_log2 - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
@@ -57,7 +100,6 @@ def block_sparse_fwd_kernel(
     index_row = indices_ptr + b * stride_ib + h * stride_ih + row64 * stride_im
     count = tl.load(counts_ptr + b * stride_cb + h * stride_ch + row64 * stride_cm)
     is_full = count == kv_blocks
-    is_sparse = count != kv_blocks
     kv_end = kv_len
     if HAS_KV_VALID:
         kv_end = tl.minimum(kv_end, tl.load(kv_valid_ptr + b))
@@ -65,26 +107,20 @@ def block_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(0, count * TILES_PER_BLOCK):
-        slot = it // TILES_PER_BLOCK
-        # full rows read no table entry (the table may be narrower than kv_blocks)
-        listed = tl.load(index_row + slot * stride_iw, mask=is_sparse, other=0)
-        kv_block = tl.where(is_full, slot, listed)
-        offs_n = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        kv_offs = offs_n.to(tl.int64)[:, None]
-        k = tl.load(k_base + kv_offs * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows that have seen no key yet keep m = -inf: subtract 0 instead to avoid inf - inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kv_offs * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    end_tile = count * TILES_PER_BLOCK
+    last_block = tl.maximum(end_tile - TILES_PER_BLOCK, 0)
+    # with per-item valid lengths any block may be cut: mask every tile
+    unmasked_end = 0 if HAS_KV_VALID else last_block
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+        0, unmasked_end, is_full, kv_end, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=False,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+        unmasked_end, end_tile, is_full, kv_end, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=True,
+    )
 
     empty = l_i == 0.0  # rows that saw no key output 0
     l_safe = tl.where(empty, 1.0, l_i)

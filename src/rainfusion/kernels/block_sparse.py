@@ -22,12 +22,12 @@ HEAD_DIMS = (64, 96, 128)
 DTYPES = (torch.bfloat16, torch.float16)
 INTERPRETER_DTYPES = DTYPES + (torch.float32,)
 
-# (BLOCK_M, BLOCK_D) -> (BLOCK_N, num_warps, num_stages) for H100, bf16/fp16. Not timed yet:
-# compiled for sm_90 (Triton 3.6), each pipelines K/V with cp.async, uses wgmma and does not
-# spill (126 / 176 / 127 / 173 registers, 64 / 128 / 56 / 80 KiB of shared memory).
+# (BLOCK_M, BLOCK_D) -> (BLOCK_N, num_warps, num_stages), bf16/fp16. BLOCK_M 128 rows chosen by
+# benchmarks/kernel_sweep.py on an H100 (2026-11-25, see benchmarks/NOTES.md); BLOCK_M 64 rows
+# compiled for sm_90 without spills, not timed.
 _CONFIGS = {
-    (128, 64): (64, 8, 3),
-    (128, 128): (64, 8, 3),
+    (128, 64): (64, 8, 2),
+    (128, 128): (128, 8, 3),
     (64, 64): (64, 4, 3),
     (64, 128): (64, 4, 2),
 }

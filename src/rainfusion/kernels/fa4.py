@@ -13,6 +13,8 @@ import torch
 
 from ..mask import BlockSparseMask
 
+HEAD_DIMS = (64, 128)  # the head dims tested on an H100
+
 
 @functools.lru_cache(maxsize=None)
 def fa4_available(device_index: int = 0) -> bool:
