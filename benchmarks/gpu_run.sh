@@ -28,3 +28,6 @@ fi
 if [ "$what" = sweep ]; then
   (cd benchmarks && timeout 400 python3 kernel_sweep.py 2>&1 | grep -v Warning | tail -40)
 fi
+if [ "$what" = scratch ]; then
+  timeout 400 python3 scratch/ws_experiment.py 2>&1 | grep -v Warning | tail -20
+fi

@@ -13,7 +13,7 @@ from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
 from .layout import VideoLayout
 from .mask import BlockSparseMask
-from .permutation import gather_tokens, token_order
+from .permutation import TokenOrder, gather_tokens, token_order
 from .predictor import predict_block_mask
 from .state import AttentionState, AttentionStats, MaskCache
 
@@ -76,22 +76,31 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return run_block_sparse(name, query, key, value, mask, _check_scale(scale, d))
 
 
-def _predict_v2(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: RainFusion2Config,
-                scale: float) -> tuple[BlockSparseMask, torch.Tensor, torch.Tensor, None]:
-    order = token_order(layout, "raster" if config.permutation == "none" else config.permutation,
-                        sink_first_frame=config.sink_first_frame, device=query.device)
-    mask = predict_block_mask(gather_tokens(query, order.index), gather_tokens(key, order.index),
-                              num_dense=order.num_dense, config=config, scale=scale)
-    return mask, order.index, order.inverse, None
+def _v2_order(layout: VideoLayout, config: RainFusion2Config, device: torch.device) -> TokenOrder:
+    name = "raster" if config.permutation == "none" else config.permutation
+    return token_order(layout, name, sink_first_frame=config.sink_first_frame, device=device)
 
 
 def _predict_v1(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: RainFusionConfig,
-                scale: float) -> tuple[BlockSparseMask, torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float, cache_key: tuple, sparse_step: int) -> MaskCache:
+    """ARM on the original tokens, then each head's block mask in its own token order."""
     table = head_pattern_table(layout, arm_fractions(config), config.tau, config.sink_first_frame,
                                config.block_size, query.device)
     heads = recognise_heads(query, key, layout, config, scale=scale)
-    return (table.block_mask(heads.candidate), table.orders[heads.pattern],
-            table.inverses[heads.pattern], heads.pattern)
+    return MaskCache(cache_key, sparse_step, table.block_mask(heads.candidate), table.orders[heads.pattern],
+                     table.inverses[heads.pattern], heads.pattern)
+
+
+def _timed(fn, profile: bool, device: torch.device):
+    """(fn(), host seconds); with ``profile`` the device is synchronised around it."""
+    sync = profile and device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = fn()
+    if sync:
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started
 
 
 def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -135,19 +144,23 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     sparse_step = step - warmup
     reuse = (cache is not None and cache.key == cache_key
              and 0 <= sparse_step - cache.sparse_step < config.refresh_interval)
-    started = time.perf_counter()
-    if not reuse:
-        if state is not None and state.profile and query.is_cuda:
-            torch.cuda.synchronize(query.device)
-            started = time.perf_counter()
-        predict = _predict_v1 if method == "rainfusion" else _predict_v2
-        mask, order, inverse, patterns = predict(query, key, layout, config, scale)
-        cache = MaskCache(cache_key, sparse_step, mask, order, inverse, patterns)
-        if state is not None and state.profile and query.is_cuda:
-            torch.cuda.synchronize(query.device)
-    predict_seconds = 0.0 if reuse else time.perf_counter() - started
+    profile = state is not None and state.profile
+    predict_seconds = 0.0
+    if method == "rainfusion2":  # one token order for every head: permute once, predict on it
+        order = _v2_order(layout, config, query.device)
+        permuted = [gather_tokens(t, order.index) for t in (query, key, value)]
+        if not reuse:
+            mask, predict_seconds = _timed(
+                lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense, config=config,
+                                           scale=scale),
+                profile, query.device)
+            cache = MaskCache(cache_key, sparse_step, mask, order.index, order.inverse, None)
+    else:  # each head's order follows its recognised pattern
+        if not reuse:
+            cache, predict_seconds = _timed(lambda: _predict_v1(query, key, layout, config, scale, cache_key,
+                                                                sparse_step), profile, query.device)
+        permuted = [gather_tokens(t, cache.order) for t in (query, key, value)]
 
-    permuted = [gather_tokens(t, cache.order) for t in (query, key, value)]
     out = run_block_sparse(name, *permuted, cache.mask, scale)
     out = gather_tokens(out, cache.inverse)
     if state is not None:
