@@ -31,3 +31,6 @@ fi
 if [ "$what" = scratch ]; then
   timeout 400 python3 scratch/ws_experiment.py 2>&1 | grep -v Warning | tail -20
 fi
+if [ "$what" = parts ]; then
+  timeout 300 python3 scratch/predict_parts.py 2>&1 | grep -v Warning | tail -20
+fi
