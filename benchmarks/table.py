@@ -1,0 +1,46 @@
+"""Markdown tables from a benchmarks/attention.py JSON: python benchmarks/table.py RESULTS.json"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SPARSE = ["flex", "fa4-sparse", "triton", "triton-bnhd", "auto"]
+PIPELINE = ["v2-permute", "v2-predict", "v2-attention", "v2-unpermute", "v2-end-to-end", "v2-end-to-end-triton",
+            "v1-arm", "v1-end-to-end"]
+
+
+def tables(report: dict) -> str:
+    rows = report["rows"]
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    out = [f"{report['card']}, {report['date']}, torch {report['torch']}, {report['dtype']}, "
+           f"FlashAttention-4 {'present' if report['fa4'] else 'absent'}. Times are medians in ms; "
+           "the ratio is SDPA cuDNN time / time (higher is faster).", ""]
+    for preset in presets:
+        mine = [r for r in rows if r["preset"] == preset]
+        by = {(r["provider"], r["density"]): r for r in mine}
+        cudnn = by[("sdpa-cudnn", 1.0)]["ms"]
+        again = by.get(("sdpa-cudnn-again", 1.0))
+        spread = f" (again: {again['ms']:.1f})" if again else ""
+        out += [f"### {preset}", "", f"Dense: SDPA cuDNN {cudnn:.1f} ms{spread}, SDPA flash "
+                f"{by[('sdpa-flash', 1.0)]['ms']:.1f} ms"
+                + (f", FA4 {by[('fa4-dense', 1.0)]['ms']:.1f} ms" if ("fa4-dense", 1.0) in by else "") + ".", ""]
+        densities = sorted({r["density"] for r in mine if r["provider"] == "triton"}, reverse=True)
+        out.append("| density (realized) | " + " | ".join(p for p in SPARSE if any(k[0] == p for k in by)) + " |")
+        out.append("|---" * (1 + sum(any(k[0] == p for k in by) for p in SPARSE)) + "|")
+        for d in densities:
+            realized = by[("triton", d)]["realized"]
+            cells = [f"{by[(p, d)]['ms']:.2f} ({cudnn / by[(p, d)]['ms']:.2f}x)" for p in SPARSE if (p, d) in by]
+            out.append(f"| {d} ({realized:.3f}) | " + " | ".join(cells) + " |")
+        out += ["", "| RainFusion pipeline | density | ms | vs cuDNN |", "|---|---|---|---|"]
+        for p in PIPELINE:
+            r = next((r for r in mine if r["provider"] == p), None)
+            if r:
+                out.append(f"| {p} | {r['density']:.3f} | {r['ms']:.2f} | {cudnn / r['ms']:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(tables(json.load(f)))
