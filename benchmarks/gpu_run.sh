@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all] [extra args for benchmarks/attention.py]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep] [extra args for benchmarks/attention.py]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -27,10 +27,4 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
 fi
 if [ "$what" = sweep ]; then
   (cd benchmarks && timeout 400 python3 kernel_sweep.py 2>&1 | grep -v Warning | tail -40)
-fi
-if [ "$what" = scratch ]; then
-  timeout 400 python3 scratch/ws_experiment.py 2>&1 | grep -v Warning | tail -20
-fi
-if [ "$what" = parts ]; then
-  timeout 300 python3 scratch/predict_parts.py 2>&1 | grep -v Warning | tail -20
 fi
