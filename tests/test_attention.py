@@ -113,7 +113,7 @@ def bad(**changes):
         (dict(query=torch.randn(2, 128, 16)), ValueError, r"query must be 4-D \[B, heads, N, D\], got shape \(2, 128, 16\)"),
         (dict(key=torch.randn(1, 2, 128, 16, dtype=torch.float64)), TypeError, "key has dtype torch.float64, but query has torch.float32"),
         (dict(value=torch.randn(1, 3, 128, 16)), ValueError, r"value has batch x heads \(1, 3\), but query has \(1, 2\)"),
-        (dict(key=torch.randn(1, 2, 128, 8)), ValueError, "key has head dim 8, but query has 16"),
+        (dict(key=torch.randn(1, 2, 128, 8)), ValueError, "key/value have head dims 8/16, but query has 16"),
         (dict(value=torch.randn(1, 2, 127, 16)), ValueError, "value has 127 tokens, but key has 128"),
         (dict(key=torch.randn(1, 2, 128, 16, device="meta")), ValueError, "key is on meta, but query is on cpu"),
         (dict(query=torch.randn(1, 2, 128, 16).int()), TypeError, "query must be float16, bfloat16, float32 or float64"),

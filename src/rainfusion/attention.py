@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .arm import arm_fractions, recognise_heads
 from .backends import resolve_backend, run_block_sparse
+from .checks import check_block_mask, check_qkv, check_scale
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
 from .layout import VideoLayout
@@ -16,40 +17,6 @@ from .mask import BlockSparseMask
 from .permutation import TokenOrder, gather_tokens, token_order
 from .predictor import predict_block_mask
 from .state import AttentionState, AttentionStats, MaskCache
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_qkv(query: object, key: object, value: object) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, but query has {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device}, but query is on {query.device}")
-        if t.shape[:2] != query.shape[:2]:
-            raise ValueError(
-                f"{name} has batch x heads {tuple(t.shape[:2])}, but query has {tuple(query.shape[:2])}"
-            )
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key has head dim {key.shape[-1]}, but query has {query.shape[-1]}")
-    if value.shape[2] != key.shape[2]:
-        raise ValueError(f"value has {value.shape[2]} tokens, but key has {key.shape[2]}")
-
-
-def _check_scale(scale: object, head_dim: int) -> float:
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
-    return float(scale)
-
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            block_mask: BlockSparseMask, *, scale: float | None = None,
@@ -60,20 +27,10 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     q_len == Nq and kv_len == Nk. Returns [B, H, Nq, D] in the input dtype. Query rows that list
     no key block give 0.
     """
-    _check_qkv(query, key, value)
-    if not isinstance(block_mask, BlockSparseMask):
-        raise TypeError(f"block_mask must be a BlockSparseMask, got {type(block_mask).__name__}")
-    b, h, n_q, d = query.shape
-    if (block_mask.q_len, block_mask.kv_len) != (n_q, key.shape[2]):
-        raise ValueError(
-            f"block_mask is for q_len x kv_len = {block_mask.q_len} x {block_mask.kv_len}, "
-            f"but query/key have {n_q} x {key.shape[2]} tokens"
-        )
-    if block_mask.counts.device != query.device:
-        raise ValueError(f"block_mask is on {block_mask.counts.device}, but query is on {query.device}")
-    mask = block_mask.expand(b, h)
+    check_qkv(query, key, value)
+    mask = check_block_mask(block_mask, query, key)
     name = resolve_backend(backend, query, mask.block_size)
-    return run_block_sparse(name, query, key, value, mask, _check_scale(scale, d))
+    return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]))
 
 
 def _v2_order(layout: VideoLayout, config: RainFusion2Config, device: torch.device) -> TokenOrder:
@@ -117,7 +74,7 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     cached mask between refreshes and the last call's ``stats``. Returns [B, H, N, D] in the
     input dtype.
     """
-    _check_qkv(query, key, value)
+    check_qkv(query, key, value)
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout, got {type(layout).__name__}")
     if not isinstance(config, (RainFusionConfig, RainFusion2Config)):
@@ -126,7 +83,7 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise TypeError(f"state must be an AttentionState or None, got {type(state).__name__}")
     layout.check_sequence_length(query.shape[2], "query")
     layout.check_sequence_length(key.shape[2], "key")
-    scale = _check_scale(scale, query.shape[-1])
+    scale = check_scale(scale, query.shape[-1])
     method = "rainfusion" if isinstance(config, RainFusionConfig) else "rainfusion2"
     b, h = query.shape[:2]
     step = state.step if state is not None else 0

@@ -15,8 +15,10 @@ import torch
 import triton
 from triton.runtime import JITFunction
 
+from ..checks import check_block_mask, check_qkv
 from ..mask import BlockSparseMask, num_blocks
 from . import _block_sparse_fwd
+from .memory import empty_like_layout
 
 HEAD_DIMS = (64, 96, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -35,15 +37,6 @@ _CONFIGS = {
 
 # True when the kernel was decorated under TRITON_INTERPRET=1 (then it runs on CPU tensors).
 INTERPRETED = not isinstance(_block_sparse_fwd.block_sparse_fwd_kernel, JITFunction)
-
-
-def _empty_output(query: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] in the memory layout of ``query``: [B, N, H, D] memory if its heads are the
-    inner dim (a transposed view), else contiguous."""
-    b, h, n, d = query.shape
-    if query.stride(1) < query.stride(2):
-        return query.new_empty(b, n, h, d).transpose(1, 2)
-    return query.new_empty(b, h, n, d)
 
 
 def _empty_lse(query: torch.Tensor, return_lse: bool) -> torch.Tensor:
@@ -69,7 +62,7 @@ def _block_sparse_attention_op(
     Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
-    out = _empty_output(query)
+    out = empty_like_layout(query)
     lse = _empty_lse(query, return_lse)
     block_d = triton.next_power_of_2(d)
     block_n, num_warps, num_stages = _CONFIGS[(block_size, block_d)]
@@ -90,21 +83,11 @@ def _block_sparse_attention_op(
 
 @_block_sparse_attention_op.register_fake
 def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse):
-    return _empty_output(query), _empty_lse(query, return_lse)
+    return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
-def _check_inputs(query: object, key: object, value: object, mask: object,
-                  kv_valid_len: object) -> None:
-    """Raise TypeError/ValueError naming the first bad argument."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has {query.dtype}")
+def _check_kernel_inputs(query: torch.Tensor, kv_valid_len: object) -> None:
+    """What this kernel needs beyond ``check_qkv``: device, dtype, head dim, kv_valid_len."""
     if query.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"query is on {query.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 "
@@ -113,22 +96,9 @@ def _check_inputs(query: object, key: object, value: object, mask: object,
     dtypes = INTERPRETER_DTYPES if INTERPRETED else DTYPES
     if query.dtype not in dtypes:
         raise TypeError(f"query dtype must be one of {dtypes}, got {query.dtype}")
-    b, h, q_len, d = query.shape
+    b, d = query.shape[0], query.shape[-1]
     if d not in HEAD_DIMS:
         raise ValueError(f"query head dim must be one of {HEAD_DIMS}, got {d}")
-    if key.shape[:2] != (b, h) or key.shape[3] != d:
-        raise ValueError(f"key must be [{b}, {h}, Nk, {d}] to match query, got {tuple(key.shape)}")
-    if value.shape != key.shape:
-        raise ValueError(f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
-    if not isinstance(mask, BlockSparseMask):
-        raise TypeError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
-    if (mask.q_len, mask.kv_len) != (q_len, key.shape[2]):
-        raise ValueError(
-            f"mask is for q_len x kv_len = {mask.q_len} x {mask.kv_len}, but query/key have "
-            f"{q_len} x {key.shape[2]}"
-        )
-    if mask.counts.device != query.device:
-        raise ValueError(f"mask is on {mask.counts.device} but query is on {query.device}")
     if kv_valid_len is not None:
         if not isinstance(kv_valid_len, torch.Tensor) or kv_valid_len.dtype != torch.int32:
             got = kv_valid_len.dtype if isinstance(kv_valid_len, torch.Tensor) else type(kv_valid_len).__name__
@@ -157,8 +127,9 @@ def block_sparse_attention_triton(
     Returns out [B, H, Nq, D] (same memory layout as query) and, with ``return_lse``, the
     natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
     """
-    _check_inputs(query, key, value, mask, kv_valid_len)
-    mask = mask.expand(query.shape[0], query.shape[1])
+    check_qkv(query, key, value)
+    mask = check_block_mask(mask, query, key, name="mask")
+    _check_kernel_inputs(query, kv_valid_len)
     out, lse = _block_sparse_attention_op(
         query, key, value, mask.counts, mask.indices, kv_valid_len, mask.block_size, float(scale), return_lse
     )

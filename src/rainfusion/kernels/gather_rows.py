@@ -8,23 +8,16 @@ import torch
 import triton
 
 from . import _gather_rows
+from .memory import empty_like_layout
 
 ROWS = 64
-
-
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] with the memory layout of ``x`` ([B, N, H, D] memory if x is such a view)."""
-    b, h, n, d = x.shape
-    if x.stride(1) < x.stride(2):
-        return x.new_empty(b, n, h, d).transpose(1, 2)
-    return x.new_empty(b, h, n, d)
 
 
 @torch.library.custom_op("rainfusion::gather_rows", mutates_args=())
 def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, D] (any strides), index int64 [N] or [B, H, N] -> out[b, h, i] = x[b, h, index[.., i]]."""
     b, h, n, d = x.shape
-    out = _empty_like_layout(x)
+    out = empty_like_layout(x)
     index3 = index.expand(b, h, n) if index.dim() == 1 else index
     grid = (triton.cdiv(n, ROWS), b * h)
     _gather_rows.gather_rows_kernel[grid](
@@ -36,4 +29,4 @@ def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @gather_rows_triton.register_fake
 def _(x, index):
-    return _empty_like_layout(x)
+    return empty_like_layout(x)

@@ -1,0 +1,60 @@
+"""Input checks shared by the public entry points and the kernel launchers.
+
+Each raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what was
+given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import BlockSparseMask
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(query: object, key: object, value: object) -> None:
+    """query [B, H, Nq, D], key and value [B, H, Nk, D]: one float dtype, one device."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, but query has {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, but query is on {query.device}")
+        if t.shape[:2] != query.shape[:2]:
+            raise ValueError(
+                f"{name} has batch x heads {tuple(t.shape[:2])}, but query has {tuple(query.shape[:2])}"
+            )
+    if key.shape[-1] != query.shape[-1] or value.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key/value have head dims {key.shape[-1]}/{value.shape[-1]}, but query has "
+                         f"{query.shape[-1]}")
+    if value.shape[2] != key.shape[2]:
+        raise ValueError(f"value has {value.shape[2]} tokens, but key has {key.shape[2]}")
+
+
+def check_block_mask(mask: object, query: torch.Tensor, key: torch.Tensor, name: str = "block_mask") -> BlockSparseMask:
+    """The mask for these query/key tensors, broadcast to their (B, H)."""
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"{name} must be a BlockSparseMask, got {type(mask).__name__}")
+    n_q, n_k = query.shape[2], key.shape[2]
+    if (mask.q_len, mask.kv_len) != (n_q, n_k):
+        raise ValueError(f"{name} is for q_len x kv_len = {mask.q_len} x {mask.kv_len}, but query/key have "
+                         f"{n_q} x {n_k} tokens")
+    if mask.counts.device != query.device:
+        raise ValueError(f"{name} is on {mask.counts.device}, but query is on {query.device}")
+    return mask.expand(query.shape[0], query.shape[1])
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale: ``scale`` if a positive number, 1/sqrt(head_dim) if None."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    return float(scale)
