@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import torch
 
+from .backends import triton_available
 from .layout import VideoLayout
 
 ORDERS = ("raster", "window3d", "tile2d", "time_major", "checkerboard")
@@ -70,15 +71,6 @@ def _video_key(layout: VideoLayout, frames: int, t: torch.Tensor, h: torch.Tenso
     return _window_key(t, h, w, WINDOWS[order], (layout.height, layout.width))
 
 
-@lru_cache(maxsize=1)
-def _triton_gather_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @lru_cache(maxsize=128)
 def _token_order_cpu(layout: VideoLayout, order: str, sink_first_frame: bool, tau: int) -> TokenOrder:
     video = torch.arange(layout.video_tokens)
@@ -124,7 +116,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     index is int64 [N] (one order for all heads) or [B, H, N] (one order per head). On CUDA a
     Triton row gather runs at near copy bandwidth (2.3x ``index_select`` on an H100).
     """
-    if x.is_cuda and _triton_gather_available():
+    if x.is_cuda and triton_available():
         from .kernels.gather_rows import gather_rows_triton
 
         return gather_rows_triton(x, index)
