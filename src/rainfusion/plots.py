@@ -5,6 +5,8 @@ from __future__ import annotations
 from .head_patterns import PATTERN_NAMES
 from .state import AttentionState
 
+COLORS = ("blue", "orange", "green")
+
 
 def plot_bench(report: dict, states: dict[str, AttentionState], path: str) -> None:
     """Write a PNG: error vs density per method, v1 head patterns, one v2 block mask."""
@@ -28,9 +30,13 @@ def plot_bench(report: dict, states: dict[str, AttentionState], path: str) -> No
     ax = axes[1]
     v1 = next((s for name, s in states.items() if s.stats.patterns is not None), None)
     if v1 is not None:
-        ax.imshow(v1.stats.patterns.cpu(), cmap=ListedColormap(["tab:blue", "tab:orange", "tab:green"]),
-                  vmin=0, vmax=2, aspect="auto")
-        ax.set(xlabel="head", ylabel="batch item", title="ARM head patterns: " + " / ".join(PATTERN_NAMES))
+        patterns = v1.stats.patterns.cpu()
+        ax.imshow(patterns, cmap=ListedColormap([f"tab:{c}" for c in COLORS]), vmin=0, vmax=2,
+                  aspect="auto")
+        ax.set_xticks(range(patterns.shape[1]))
+        ax.set_yticks(range(patterns.shape[0]))
+        ax.set(xlabel="head", ylabel="batch item",
+               title="ARM head patterns: " + " / ".join(f"{n} ({c})" for n, c in zip(PATTERN_NAMES, COLORS)))
     else:
         ax.axis("off")
 
