@@ -173,3 +173,13 @@ def test_fa4_backend_is_refused_where_it_does_not_apply():
     q, k, v = (torch.randn(1, 2, 200, 64) for _ in range(3))
     with pytest.raises(ValueError, match="backend='fa4' needs flash-attn-4 on an SM90\\+ GPU"):
         block_sparse_attention(q, k, v, random_block_mask(1, 2, 200, 200, 64), backend="fa4")
+
+
+@pytest.mark.gpu
+def test_sparse_attention_compiles_on_gpu():
+    layout = VideoLayout(5, 16, 32, text_len=40, text_position="after")
+    q, k, v = (t.cuda() for t in qkv(layout, b=1, h=4, d=128, seed=12, dtype=torch.bfloat16))
+    config = RainFusion2Config()
+    eager = sparse_attention(q, k, v, layout=layout, config=config, backend="triton")
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, layout=layout, config=config, backend="triton"))
+    assert relative_l2(compiled(q, k, v), eager) < 1e-2

@@ -14,10 +14,10 @@ import triton.language as tl
 @triton.jit
 def _attend_tiles(
     acc, l_i, m_i, q,
-    k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+    k_base, v_base, k_desc, v_desc, index_row, stride_kn, stride_vn, stride_iw,
     first_tile, end_tile, is_full, kv_end, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KEYS: tl.constexpr,
+    MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over tiles [first_tile, end_tile) of the row."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
@@ -30,7 +30,13 @@ def _attend_tiles(
         kv_block = tl.where(is_full, slot, listed)
         offs_n = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_offs = offs_n.to(tl.int64)[:, None]
-        if MASK_KEYS:
+        if USE_TMA:  # bulk tensor copies; rows past the end are zero-filled
+            first_row = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N
+            k = k_desc.load([first_row, 0])
+            v = v_desc.load([first_row, 0])
+            if MASK_KEYS:
+                n_ok = offs_n < kv_end
+        elif MASK_KEYS:
             n_ok = offs_n < kv_end
             k = tl.load(k_base + kv_offs * stride_kn, mask=n_ok[:, None] & d_ok, other=0.0)
             v = tl.load(v_base + kv_offs * stride_vn, mask=n_ok[:, None] & d_ok, other=0.0)
@@ -75,6 +81,7 @@ def block_sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,  # key tile; divides BLOCK_M
     HAS_KV_VALID: tl.constexpr,
     RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr,  # K/V through tensor descriptors (unit dim stride, D a power of two)
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] (any strides); lse float32 [B, H, Nq];
     counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B].
@@ -97,6 +104,13 @@ def block_sparse_fwd_kernel(
 
     k_base = k_ptr + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
     v_base = v_ptr + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
+                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM])
     index_row = indices_ptr + b * stride_ib + h * stride_ih + row64 * stride_im
     count = tl.load(counts_ptr + b * stride_cb + h * stride_ch + row64 * stride_cm)
     is_full = count == kv_blocks
@@ -112,14 +126,14 @@ def block_sparse_fwd_kernel(
     # with per-item valid lengths any block may be cut: mask every tile
     unmasked_end = 0 if HAS_KV_VALID else last_block
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, index_row, stride_kn, stride_vn, stride_iw,
         0, unmasked_end, is_full, kv_end, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=False,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=False, USE_TMA=USE_TMA,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, index_row, stride_kn, stride_vn, stride_iw,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, index_row, stride_kn, stride_vn, stride_iw,
         unmasked_end, end_tile, is_full, kv_end, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=True,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, MASK_KEYS=True, USE_TMA=USE_TMA,
     )
 
     empty = l_i == 0.0  # rows that saw no key output 0

@@ -45,6 +45,30 @@ def _empty_lse(query: torch.Tensor, return_lse: bool) -> torch.Tensor:
     return query.new_empty(shape, dtype=torch.float32)
 
 
+# K/V through tensor descriptors (TMA) on Hopper+; benchmarks/NOTES.md has the measurement
+USE_TMA_ON_HOPPER = True
+
+
+def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Tensor descriptors need a GPU of compute capability 9+, unit stride on D, D a power of two
+    and 16-byte aligned rows; they also need Triton's scratch allocator for in-kernel descriptors."""
+    if not (USE_TMA_ON_HOPPER and query.is_cuda and not INTERPRETED):
+        return False
+    if torch.cuda.get_device_capability(query.device)[0] < 9:
+        return False
+    d = query.shape[-1]
+    aligned = all(t.stride(-1) == 1 and (t.stride(2) * t.element_size()) % 16 == 0
+                  and t.data_ptr() % 16 == 0 for t in (key, value))
+    if not (aligned and d == triton.next_power_of_2(d)):
+        return False
+    triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 @torch.library.custom_op("rainfusion::block_sparse_attention_triton", mutates_args=())
 def _block_sparse_attention_op(
     query: torch.Tensor,
@@ -75,7 +99,7 @@ def _block_sparse_attention_op(
         *counts.stride(), *indices.stride(),
         h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_size, BLOCK_N=block_n,
-        HAS_KV_VALID=kv_valid_len is not None, RETURN_LSE=return_lse,
+        HAS_KV_VALID=kv_valid_len is not None, RETURN_LSE=return_lse, USE_TMA=_use_tma(query, key, value),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
