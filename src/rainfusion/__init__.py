@@ -17,7 +17,18 @@ __all__ = [
     "RainFusion2Config",
     "RainFusionConfig",
     "VideoLayout",
+    "apply_rainfusion",
     "block_sparse_attention",
+    "remove_rainfusion",
     "sparse_attention",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the diffusers integration imports on first use, so `import rainfusion` needs no diffusers
+    if name in ("apply_rainfusion", "remove_rainfusion"):
+        from .integrations import diffusers as _integration
+
+        return getattr(_integration, name)
+    raise AttributeError(f"module 'rainfusion' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Model integrations (optional dependencies, imported on use)."""

@@ -1,0 +1,103 @@
+"""Instance-scoped plumbing: a forward pre-hook on the transformer reads the layout and the
+denoising step; each self-attention module's processor is wrapped so that, while it runs, its
+``F.scaled_dot_product_attention`` call goes to ``sparse_attention`` (a ``TorchFunctionMode``:
+no class or module patching). Removing restores the original processors and hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ...attention import sparse_attention
+from ...backends import log_once
+from ...config import AnyConfig
+from ...layout import VideoLayout
+from ...state import AttentionState, AttentionStats
+
+
+@dataclass
+class RainFusionController:
+    """What one ``apply_rainfusion`` installed, and the run's context and statistics.
+
+    num_steps: denoising steps of a generation (for the dense warm-up); read from the pipeline's
+        scheduler when applied to a pipeline, else given by the user.
+    skip_layers: indices of self-attention layers that stay dense.
+    """
+
+    model: torch.nn.Module
+    config: AnyConfig
+    num_steps: int | None
+    skip_layers: frozenset[int]
+    scheduler: object | None = None
+    layout: VideoLayout | None = None
+    step: int = -1
+    call_in_step: int = 0
+    states: dict[tuple[int, int], AttentionState] = field(default_factory=dict)
+    history: list[tuple[int, int, int, AttentionStats]] = field(default_factory=list)
+    _last_timestep: float | None = None
+    _originals: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
+    _hook: object | None = None
+
+    def begin_forward(self, layout: VideoLayout, timestep: float) -> None:
+        """Called before each transformer forward: a new timestep is a new step, a higher one
+        (or a new layout) a new generation; calls at the same timestep are CFG passes."""
+        new_generation = (self._last_timestep is None or timestep > self._last_timestep or layout != self.layout)
+        if new_generation:
+            self.step, self.states, self.history = 0, {}, []
+            if self.scheduler is not None and getattr(self.scheduler, "timesteps", None) is not None:
+                self.num_steps = len(self.scheduler.timesteps)
+        elif timestep != self._last_timestep:
+            self.step += 1
+        self.call_in_step = 0 if new_generation or timestep != self._last_timestep else self.call_in_step + 1
+        self.layout, self._last_timestep = layout, timestep
+
+    def state_for(self, layer: int) -> AttentionState:
+        state = self.states.setdefault((layer, self.call_in_step), AttentionState(num_steps=self.num_steps))
+        state.num_steps, state.step = self.num_steps, self.step
+        return state
+
+
+class _AttentionInterceptor(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to rainfusion for one self-attention layer."""
+
+    def __init__(self, controller: RainFusionController, layer: int):
+        super().__init__()
+        self.controller, self.layer = controller, layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return self._attention(*args, **kwargs)
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+        c = self.controller
+        dense = (c.layout is None or self.layer in c.skip_layers or attn_mask is not None or is_causal
+                 or dropout_p > 0 or query.shape[2] != c.layout.num_tokens or key.shape[2] != c.layout.num_tokens)
+        if dense:
+            if attn_mask is not None and self.layer not in c.skip_layers:
+                log_once("rainfusion: an attention call with a mask runs dense")
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        state = c.state_for(self.layer)
+        out = sparse_attention(query, key, value, layout=c.layout, config=c.config, state=state, scale=scale)
+        c.history.append((c.step, c.call_in_step, self.layer, state.stats))
+        return out
+
+
+class _InterceptingProcessor:
+    """Wraps a module's attention processor: runs it with the interceptor active."""
+
+    def __init__(self, original: object, controller: RainFusionController, layer: int):
+        self.original, self.controller, self.layer = original, controller, layer
+
+    def __getattr__(self, name: str):  # diffusers reads attributes of processors (e.g. backends)
+        return getattr(self.original, name)
+
+    def __call__(self, *args, **kwargs):
+        with _AttentionInterceptor(self.controller, self.layer):
+            return self.original(*args, **kwargs)
