@@ -28,3 +28,6 @@ fi
 if [ "$what" = sweep ]; then
   (cd benchmarks && timeout 400 python3 kernel_sweep.py 2>&1 | grep -v Warning | tail -40)
 fi
+if [ "$what" = model ]; then
+  (cd benchmarks && timeout 400 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -12)
+fi
