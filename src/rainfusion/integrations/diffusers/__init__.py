@@ -24,8 +24,8 @@ def _transformer_of(model_or_pipeline: object) -> tuple[torch.nn.Module, object 
     return transformer, getattr(model_or_pipeline, "scheduler", None)
 
 
-def _timestep(args: tuple, kwargs: dict) -> float:
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+def _timestep(args: tuple, kwargs: dict, position: int) -> float:
+    timestep = kwargs.get("timestep", args[position] if len(args) > position else None)
     if timestep is None:
         raise ValueError("the transformer was called without a timestep; rainfusion needs it to count steps")
     return float(torch.as_tensor(timestep).flatten()[0])
@@ -54,7 +54,8 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
     controller = RainFusionController(transformer, config, num_steps, frozenset(skip_layers), scheduler)
 
     def before_forward(module, args, kwargs):
-        controller.begin_forward(geometry.layout(module, args, kwargs), _timestep(args, kwargs))
+        controller.begin_forward(geometry.layout(module, args, kwargs),
+                                 _timestep(args, kwargs, geometry.timestep_position))
 
     controller._hook = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
     for layer, module in enumerate(modules):

@@ -17,10 +17,12 @@ class ModelGeometry:
 
     layout: (transformer, forward args, forward kwargs) -> VideoLayout of its self-attention.
     self_attention: transformer -> the attention modules over video tokens, in layer order.
+    timestep_position: index of ``timestep`` among the forward's positional arguments.
     """
 
     layout: Callable[[torch.nn.Module, tuple, dict], VideoLayout]
     self_attention: Callable[[torch.nn.Module], list[torch.nn.Module]]
+    timestep_position: int
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -34,8 +36,21 @@ def _wan_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayou
     return VideoLayout(frames // p_t, height // p_h, width // p_w)
 
 
+def _cogvideox_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """CogVideoX: latents [B, F, C, H, W] patched by (p_t or 1, p, p); joint attention with the
+    text tokens before the video."""
+    _, frames, _, height, width = _hidden_states(args, kwargs).shape
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+    p, p_t = model.config.patch_size, model.config.patch_size_t or 1
+    return VideoLayout(frames // p_t, height // p, width // p, text_len=text.shape[1], text_position="before")
+
+
 GEOMETRIES: dict[str, ModelGeometry] = {
-    "WanTransformer3DModel": ModelGeometry(_wan_layout, lambda model: [block.attn1 for block in model.blocks]),
+    # forward(hidden_states, timestep, encoder_hidden_states, ...)
+    "WanTransformer3DModel": ModelGeometry(_wan_layout, lambda model: [block.attn1 for block in model.blocks], 1),
+    # forward(hidden_states, encoder_hidden_states, timestep, ...)
+    "CogVideoXTransformer3DModel": ModelGeometry(
+        _cogvideox_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
 }
 
 

@@ -5,6 +5,7 @@ no class or module patching). Removing restores the original processors and hook
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -94,10 +95,15 @@ class _InterceptingProcessor:
 
     def __init__(self, original: object, controller: RainFusionController, layer: int):
         self.original, self.controller, self.layer = original, controller, layer
+        # diffusers drops the kwargs that inspect.signature(processor.__call__) lacks: show the original's
+        self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
 
     def __getattr__(self, name: str):  # diffusers reads attributes of processors (e.g. backends)
         return getattr(self.original, name)
 
     def __call__(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
         with _AttentionInterceptor(self.controller, self.layer):
             return self.original(*args, **kwargs)
