@@ -13,6 +13,14 @@ from .mask import BlockSparseMask
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_int(name: str, value: object, minimum: int) -> None:
+    """An int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def check_qkv(query: object, key: object, value: object) -> None:
     """query [B, H, Nq, D], key and value [B, H, Nk, D]: one float dtype, one device."""
     for name, t in (("query", query), ("key", key), ("value", value)):

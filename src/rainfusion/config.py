@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .checks import check_int
 from .mask import check_block_size
 
 Permutation = Literal["window3d", "tile2d", "none"]
@@ -21,18 +22,11 @@ def _check_fraction(name: str, value: object, *, low: float, high: float, high_o
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_common(config: "RainFusionConfig | RainFusion2Config") -> None:
     _check_fraction("sparsity", config.sparsity, low=0.0, high=1.0, high_open=True)
     check_block_size(config.block_size)
     _check_fraction("warmup_fraction", config.warmup_fraction, low=0.0, high=1.0, high_open=False)
-    _check_int("refresh_interval", config.refresh_interval, 1)
+    check_int("refresh_interval", config.refresh_interval, 1)
     if not isinstance(config.sink_first_frame, bool):
         raise TypeError(f"sink_first_frame must be a bool, got {type(config.sink_first_frame).__name__}")
 
@@ -69,8 +63,8 @@ class RainFusionConfig:
         _check_common(self)
         _check_fraction("alpha", self.alpha, low=0.0, high=1.0, high_open=False)
         _check_fraction("adaptive_recall", self.adaptive_recall, low=0.0, high=1.0, high_open=False)
-        _check_int("tau", self.tau, 1)
-        _check_int("arm_queries", self.arm_queries, 1)
+        check_int("tau", self.tau, 1)
+        check_int("arm_queries", self.arm_queries, 1)
         if not isinstance(self.bandwidths, tuple) or not self.bandwidths:
             raise TypeError(f"bandwidths must be a non-empty tuple of floats, got {self.bandwidths!r}")
         for b in self.bandwidths:

@@ -5,15 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .checks import check_int
+
 TextPosition = Literal["none", "before", "after"]
 _TEXT_POSITIONS = ("none", "before", "after")
-
-
-def _check_positive_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -32,10 +27,10 @@ class VideoLayout:
     text_position: TextPosition = "none"
 
     def __post_init__(self) -> None:
-        _check_positive_int("frames", self.frames, 1)
-        _check_positive_int("height", self.height, 1)
-        _check_positive_int("width", self.width, 1)
-        _check_positive_int("text_len", self.text_len, 0)
+        check_int("frames", self.frames, 1)
+        check_int("height", self.height, 1)
+        check_int("width", self.width, 1)
+        check_int("text_len", self.text_len, 0)
         if self.text_position not in _TEXT_POSITIONS:
             raise ValueError(
                 f"text_position must be one of {_TEXT_POSITIONS}, got {self.text_position!r}"

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import VideoLayout, _check_positive_int
+from .checks import check_int
+from .layout import VideoLayout
 
 HEAD_KINDS = ("spatial", "temporal", "textural")
 
@@ -198,12 +199,12 @@ def _check_arguments(layout: VideoLayout, batch: int, heads: int, head_dim: int,
                      dtype: torch.dtype) -> None:
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"layout must be a VideoLayout, got {type(layout).__name__}")
-    _check_positive_int("batch", batch, 1)
-    _check_positive_int("heads", heads, 1)
-    _check_positive_int("head_dim", head_dim, 16)
+    check_int("batch", batch, 1)
+    check_int("heads", heads, 1)
+    check_int("head_dim", head_dim, 16)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (rotary pairs), got {head_dim}")
-    _check_positive_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
