@@ -104,7 +104,7 @@ def test_layout_matches_the_model_token_order():
 
 
 def test_errors_for_unsupported_models_and_bad_arguments():
-    with pytest.raises(ValueError, match=r"does not support Linear; supported transformers: \['CogVideoXTransformer3DModel', 'WanTransformer3DModel'\]"):
+    with pytest.raises(ValueError, match=r"does not support Linear; supported transformers: \['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'LTXVideoTransformer3DModel', 'WanTransformer3DModel'\]"):
         apply_rainfusion(torch.nn.Linear(2, 2), RainFusion2Config())
     with pytest.raises(TypeError, match="model_or_pipeline must be a diffusers transformer or a pipeline"):
         apply_rainfusion(object(), RainFusion2Config())

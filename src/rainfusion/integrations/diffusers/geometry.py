@@ -45,12 +45,69 @@ def _cogvideox_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> Vide
     return VideoLayout(frames // p_t, height // p, width // p, text_len=text.shape[1], text_position="before")
 
 
+def _raster_grid(coords: torch.Tensor) -> tuple[int, int, int] | None:
+    """(frames, height, width) when ``coords`` [S, 3] (t, h, w) positions, in any scale, are a full
+    grid in raster (t, h, w) order; None otherwise."""
+    axes = [torch.unique(coords[:, axis], return_inverse=True) for axis in range(3)]
+    (frames, t), (height, h), (width, w) = ((len(values), index) for values, index in axes)
+    if frames * height * width != coords.shape[0]:
+        return None
+    if not torch.equal((t * height + h) * width + w, torch.arange(coords.shape[0], device=coords.device)):
+        return None
+    return frames, height, width
+
+
+def _ltx_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """LTX-Video: latents arrive packed as tokens [B, N, C] (the pipeline patchifies them); the
+    model's RoPE grid is ``num_frames x height x width`` in raster (t, h, w) order, or, when the
+    caller gives ``video_coords`` [B, 3, N] (which then take precedence), the grid those span.
+    Text only in cross-attention (attn2)."""
+    coords = kwargs.get("video_coords", args[8] if len(args) > 8 else None)
+    if coords is not None:
+        found = _raster_grid(coords[0].transpose(0, 1).float())
+        if found is None:
+            raise ValueError("rainfusion needs LTXVideoTransformer3DModel video_coords that span a full (t, h, w) "
+                             "grid in raster order")
+        return VideoLayout(*found)
+    names = ("num_frames", "height", "width")
+    grid = [kwargs.get(name, args[4 + i] if len(args) > 4 + i else None) for i, name in enumerate(names)]
+    if any(size is None for size in grid):
+        raise ValueError("rainfusion needs LTXVideoTransformer3DModel called with num_frames, height and width "
+                         "(or video_coords)")
+    return VideoLayout(*(int(size) for size in grid))
+
+
+def _flux_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """Flux: latents packed as tokens [B, N, C] with ``img_ids`` [N, 3] (or [B, N, 3]) giving each
+    token's (index, row, column); joint attention with the text tokens before the image, in both
+    the double-stream and the single-stream blocks. One image: a one-frame video."""
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+    ids = kwargs["img_ids"] if "img_ids" in kwargs else args[4]
+    ids = ids[0] if ids.ndim == 3 else ids
+    found = _raster_grid(ids.float())
+    if found is None:
+        raise ValueError("rainfusion needs FluxTransformer2DModel img_ids that span a full (row, column) grid in "
+                         "raster order")
+    return VideoLayout(*found, text_len=text.shape[1], text_position="before")
+
+
 GEOMETRIES: dict[str, ModelGeometry] = {
     # forward(hidden_states, timestep, encoder_hidden_states, ...)
     "WanTransformer3DModel": ModelGeometry(_wan_layout, lambda model: [block.attn1 for block in model.blocks], 1),
     # forward(hidden_states, encoder_hidden_states, timestep, ...)
     "CogVideoXTransformer3DModel": ModelGeometry(
         _cogvideox_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
+    # forward(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames, ...);
+    # attn2 is cross-attention to the text
+    "LTXVideoTransformer3DModel": ModelGeometry(
+        _ltx_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
+    # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, ...);
+    # double-stream blocks then single-stream blocks, all over [text, image]
+    "FluxTransformer2DModel": ModelGeometry(
+        _flux_layout,
+        lambda model: [block.attn for block in model.transformer_blocks]
+        + [block.attn for block in model.single_transformer_blocks],
+        3),
 }
 
 
