@@ -86,3 +86,18 @@ def test_error_vs_dense_stays_under_the_measured_bound_and_beats_chance(layout, 
         control = _random_control(cache.mask, g)
         chance = relative_l2(gather_tokens(block_sparse_attention(*permuted, control), cache.inverse), dense)
         assert chance > vs_chance * error
+
+
+def test_images_never_get_the_spatial_pattern():
+    """One frame: the spatial band would be the whole image, so heads are temporal (spatially
+    local) or textural, and v1 is sparse on images too."""
+    layout = VideoLayout(1, 32, 32, text_len=20, text_position="before")
+    data = synthetic_attention(layout, heads=6, head_dim=64, seed=0)
+    config = RainFusionConfig.image(block_size=64)
+    heads = recognise_heads(data.query, data.key, layout, config, scale=0.125)
+    assert (heads.pattern != PATTERN_NAMES.index("spatial")).all()
+    state = AttentionState()
+    out = sparse_attention(data.query, data.key, data.value, layout=layout, config=config, state=state)
+    assert state.stats.mean_density < 0.8
+    dense = F.scaled_dot_product_attention(data.query, data.key, data.value)
+    assert relative_l2(out, dense) < 0.25  # measured 0.075-0.085 over seeds 0-2 (density 0.57)

@@ -8,8 +8,8 @@ Two small token samples per step, for every batch item and head at once:
   the spatial head's frame band restricted to it says whether attention is temporally local.
 
 Recall is the softmax mass (over the sampled keys) inside the band, averaged over the sampled
-queries. Rule: temporal if local recall >= alpha, else spatial if global recall >= alpha, else
-textural. RainFusion+ then takes, for the chosen band, the smallest candidate bandwidth whose
+queries. Rule: temporal if local recall >= alpha, else spatial if global recall >= alpha (and
+there is more than one frame to band over), else textural. RainFusion+ then takes, for the chosen band, the smallest candidate bandwidth whose
 recall reaches ``adaptive_recall``.
 """
 
@@ -110,7 +110,9 @@ def recognise_heads(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout,
     global_recall = _recall(query, key, global_, scale)
 
     temporal = local_recall[..., 0] >= config.alpha
-    spatial = ~temporal & (global_recall[..., 0] >= config.alpha)
+    # with one frame to band over (an image), the spatial band is the whole sequence: not a choice
+    several_frames = layout.frames - int(config.sink_first_frame) > 1
+    spatial = ~temporal & (global_recall[..., 0] >= config.alpha) & several_frames
     pattern = torch.full_like(temporal, TEXTURAL, dtype=torch.long)
     pattern = torch.where(spatial, SPATIAL, pattern)
     pattern = torch.where(temporal, TEMPORAL, pattern)
