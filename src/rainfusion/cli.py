@@ -1,4 +1,4 @@
-"""Command line: ``rainfusion bench``."""
+"""Command line: ``rainfusion bench`` and ``rainfusion generate``."""
 
 from __future__ import annotations
 
@@ -34,8 +34,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import main_generate
+
+    return main_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import METHODS, PRESETS
+    from .generate import METHODS as GENERATE_METHODS
 
     parser = argparse.ArgumentParser(prog="rainfusion", description="Training-free sparse attention for video DiTs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG: error vs density, head patterns, a block mask")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    generate = commands.add_parser(
+        "generate", help="generate a video with a diffusers pipeline and RainFusion (optionally vs dense)")
+    generate.add_argument("--model", required=True, help="diffusers pipeline directory or hub id (cached locally)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--method", default="rainfusion2", choices=list(GENERATE_METHODS))
+    generate.add_argument("--sparsity", type=float, help="fraction skipped (default: the method's, 0.5 v1 / 0.8 v2)")
+    generate.add_argument("--steps", type=int, default=50, help="denoising steps (num_inference_steps)")
+    generate.add_argument("--out", default="video.mp4", help="output video; a GIF next to it without an MP4 encoder")
+    generate.add_argument("--compare", action="store_true",
+                          help="also generate densely with the same seed (<out>_dense), print PSNR / SSIM / times")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--frames", type=int, help="num_frames (default: the pipeline's)")
+    generate.add_argument("--height", type=int, help="default: the pipeline's")
+    generate.add_argument("--width", type=int, help="default: the pipeline's")
+    generate.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
+    generate.add_argument("--block-size", type=int, choices=[64, 128], help="attention block (default: 128)")
+    generate.add_argument("--fps", type=int, default=16)
+    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    generate.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                          help="auto: bfloat16 on CUDA, float32 on CPU")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    generate.set_defaults(run=_generate)
     return parser
 
 

@@ -1,0 +1,209 @@
+"""``rainfusion generate`` end to end on a real tiny WanPipeline built offline and saved to disk,
+and the PSNR / SSIM it reports."""
+
+import importlib.util
+import math
+import re
+import types
+
+import pytest
+import torch
+
+from rainfusion import generate as gen
+from rainfusion.cli import main
+
+# the tiny WanPipeline needs transformers (text encoder, tokenizer), tokenizers, and accelerate
+# (diffusers loads WanTransformer3DModel, which keeps modules in fp32, only through it)
+PIPELINE_DEPS = ("diffusers", "transformers", "tokenizers", "accelerate")
+missing = [name for name in PIPELINE_DEPS if importlib.util.find_spec(name) is None]
+needs_pipeline = pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}")
+
+WORDS = ["<pad>", "</s>", "<unk>", *"a an the cat dog runs on beach in snow red car video of slowly".split()]
+
+
+def build_tiny_wan_pipeline(seed: int = 0):
+    """A real WanPipeline of tiny random components; the tokenizer is a word-level one built here."""
+    import diffusers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(WORDS), d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    ))
+    # 8x spatial / 4x temporal compression, 16 latent channels, as the real Wan VAE
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64,
+    )
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                 transformer=transformer)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-wan")
+    build_tiny_wan_pipeline().save_pretrained(path)
+    return path
+
+
+# 9 frames of 128x128 -> latent 3x16x16 -> 3x8x8 = 192 tokens: 3 blocks of 64
+SIZE = ["--frames", "9", "--height", "128", "--width", "128", "--steps", "3", "--block-size", "64",
+        "--seed", "3", "--device", "cpu", "--dtype", "float32"]
+
+
+def is_mp4(path) -> bool:
+    return path.read_bytes()[4:8] == b"ftyp"
+
+
+def is_gif(path) -> bool:
+    return path.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+
+
+def gif_frames(path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.n_frames
+
+
+@needs_pipeline
+def test_generate_compare_at_sparsity_zero_matches_dense(tiny_wan_dir, tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    code = main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a cat runs on the beach",
+                 "--method", "rainfusion2", "--sparsity", "0", "--out", str(out), "--compare", *SIZE])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    if gen.mp4_encoder() is not None:
+        written, dense = out, tmp_path / "video_dense.mp4"
+        assert is_mp4(written) and is_mp4(dense)
+    else:
+        written, dense = out.with_suffix(".gif"), tmp_path / "video_dense.gif"
+        assert is_gif(written) and is_gif(dense) and gif_frames(written) == 9
+        assert "GIF" in captured.out
+    psnr = float(re.search(r"PSNR (\S+) dB", captured.out).group(1))
+    ssim = float(re.search(r"SSIM (\S+)", captured.out).group(1))
+    # sparsity 0 keeps every block: equal to dense up to float summation order
+    assert psnr > 80 or math.isinf(psnr)
+    assert ssim > 0.9999
+    assert re.search(r"rainfusion2 \(sparsity 0\): [\d.]+ s, mean density 1\.000", captured.out)
+    assert re.search(r"dense: [\d.]+ s", captured.out)
+    # the pipeline's tqdm progress bars are on, labelled by run
+    assert "rainfusion2: 100%|" in captured.err and "dense: 100%|" in captured.err
+
+
+@needs_pipeline
+def test_generate_v1_without_mp4_encoder_falls_back_to_gif(tiny_wan_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gen, "mp4_encoder", lambda: None)
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", "--model", str(tiny_wan_dir), "--prompt", "a red car in the snow",
+                 "--method", "rainfusion", "--sparsity", "0.5", "--out", str(out), "--no-progress", *SIZE])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert not out.exists()
+    gif = tmp_path / "clip.gif"
+    assert is_gif(gif) and gif_frames(gif) == 9
+    assert f"wrote an animated GIF instead: {gif}" in captured.out
+    density = float(re.search(r"mean density ([\d.]+)", captured.out).group(1))
+    assert 0 < density < 1  # the sparse steps skipped blocks
+    counts = dict(re.findall(r"(spatial|temporal|textural) (\d+)", captured.out))
+    assert set(counts) == {"spatial", "temporal", "textural"} and sum(map(int, counts.values())) > 0
+    assert "rainfusion: " not in captured.err  # --no-progress: no denoising progress bar
+
+
+def test_missing_model_directory_is_a_clean_error(tmp_path, capsys):
+    code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "a cat", "--out",
+                 str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == f"error: model weights not found: no pipeline directory at {tmp_path / 'nope'}"
+    assert "Traceback" not in err
+
+
+def test_directory_without_a_pipeline_is_a_clean_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "a cat"]) == 1
+    err = capsys.readouterr().err
+    assert "without model_index.json" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_pipeline
+def test_hub_id_not_available_locally_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["generate", "--model", "rainfusion-tests/no-such-pipeline", "--prompt", "a cat"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "'rainfusion-tests/no-such-pipeline' are not available locally" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@needs_pipeline
+def test_unsupported_pipeline_exits_2_with_the_supported_list(monkeypatch, capsys):
+    unsupported = types.SimpleNamespace(transformer=torch.nn.Linear(4, 4), scheduler=None)
+    monkeypatch.setattr(gen, "load_pipeline", lambda model, dtype: unsupported)
+    code = main(["generate", "--model", "any", "--prompt", "a cat", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: rainfusion does not support Linear") and "WanTransformer3DModel" in err
+
+
+def test_bad_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "x", "--prompt", "p", "--method", "sage"])
+    assert exit_info.value.code == 2
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_psnr_and_ssim_of_identical_videos():
+    video = torch.rand(3, 24, 20, 3, generator=torch.Generator().manual_seed(0))
+    assert gen.psnr(video, video.clone()) == math.inf
+    assert gen.ssim(video, video.clone()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_psnr_of_a_known_noise_level():
+    g = torch.Generator().manual_seed(1)
+    video = 0.1 + 0.8 * torch.rand(4, 32, 32, 3, generator=g)
+    sign = torch.randint(0, 2, video.shape, generator=g) * 2 - 1
+    # |error| = 0.01 everywhere: MSE = 1e-4, PSNR = 10 log10(1 / 1e-4) = 40 dB
+    assert gen.psnr(video, video + 0.01 * sign) == pytest.approx(40.0, abs=0.01)
+    # data_range scales: the same error on a 0..255 scale is 255 times smaller relative to the range
+    assert gen.psnr(video * 255, (video + 0.01 * sign) * 255, data_range=255.0) == pytest.approx(40.0, abs=0.01)
+    # Gaussian noise of sigma 0.05 (no clipping): PSNR = -20 log10(0.05) = 26.02 dB
+    noise = 0.05 * torch.randn(8, 64, 64, 3, generator=g, dtype=torch.float64)
+    assert gen.psnr(video.double().repeat(2, 2, 2, 1), video.double().repeat(2, 2, 2, 1) + noise) == \
+        pytest.approx(-20 * math.log10(0.05), abs=0.02)
+
+
+def test_ssim_of_constant_images_has_the_closed_form():
+    # no variance: SSIM = (2 a b + C1) / (a^2 + b^2 + C1) with C1 = 0.01^2
+    a, b = torch.full((2, 16, 16, 3), 0.3), torch.full((2, 16, 16, 3), 0.6)
+    c1 = 0.01**2
+    expected = (2 * 0.3 * 0.6 + c1) / (0.3**2 + 0.6**2 + c1)
+    assert gen.ssim(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_drops_with_noise_and_is_symmetric():
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(32, 32, 1, generator=g)  # one image, one channel
+    noisy = (image + 0.2 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+    value = gen.ssim(image, noisy)
+    assert 0 < value < 0.9
+    assert gen.ssim(noisy, image) == pytest.approx(value, rel=1e-12)
+    assert gen.ssim(image, 1 - image) < 0  # anti-correlated structure
+
+
+def test_metrics_reject_bad_inputs():
+    with pytest.raises(ValueError, match="same shape"):
+        gen.psnr(torch.zeros(2, 16, 16, 3), torch.zeros(2, 16, 17, 3))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        gen.ssim(torch.zeros(1, 8, 8, 3), torch.zeros(1, 8, 8, 3))
