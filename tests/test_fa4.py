@@ -45,3 +45,14 @@ def test_auto_picks_fa4_and_sparse_attention_runs_on_it():
     assert state.stats.backend == "fa4"
     triton_out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(), backend="triton")
     assert relative_l2(out, triton_out) < 1e-2
+
+
+def test_dense_warmup_steps_run_on_fa4():
+    from rainfusion import AttentionState, RainFusion2Config, VideoLayout, sparse_attention
+
+    layout = VideoLayout(5, 16, 32, text_len=40, text_position="after")
+    q, k, v = _qkv(layout.num_tokens)
+    state = AttentionState(num_steps=10)  # step 0 of 3 warm-up steps
+    out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(), state=state)
+    assert state.stats.dense and state.stats.backend == "fa4"
+    assert relative_l2(out, masked_attention(q, k, v)) < 1.5e-2

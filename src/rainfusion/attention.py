@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .arm import arm_fractions, recognise_heads
-from .backends import resolve_backend, run_block_sparse
+from .backends import dense_attention, resolve_backend, run_block_sparse
 from .checks import check_block_mask, check_qkv, check_scale
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
@@ -60,10 +59,6 @@ def _timed(fn, profile: bool, device: torch.device):
     return result, time.perf_counter() - started
 
 
-def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(query, key, value, scale=scale)
-
-
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: VideoLayout,
                      config: AnyConfig, state: AttentionState | None = None, scale: float | None = None,
                      backend: str = "auto") -> torch.Tensor:
@@ -90,9 +85,9 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     warmup = state.warmup_steps(config.warmup_fraction) if state is not None else 0
 
     if step < warmup:
-        out = _dense(query, key, value, scale)
+        out, dense_backend = dense_attention(query, key, value, scale)
         if state is not None:
-            state.stats = AttentionStats(method, "sdpa", step, True, torch.ones(b, h, device=query.device))
+            state.stats = AttentionStats(method, dense_backend, step, True, torch.ones(b, h, device=query.device))
         return out
 
     name = resolve_backend(backend, query, config.block_size)

@@ -7,6 +7,9 @@
 - ``reference``: float64 masked dense attention, for tests on small inputs;
 - ``auto``: on CUDA ``fa4`` where it applies, else ``triton``, else ``portable`` (a fallback
   from the fastest kernel is logged once); ``portable`` elsewhere.
+
+Dense work (warm-up steps, dense layers) goes to ``dense_attention``: FA4 dense where it applies,
+else PyTorch SDPA.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .mask import BlockSparseMask
 from .portable import block_sparse_attention_portable
@@ -82,6 +86,16 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int) -> str:
             f"128-token blocks; got {query.dtype}, head dim {query.shape[-1]}, block {block_size} on {device}"
         )
     return backend
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> tuple[torch.Tensor, str]:
+    """Full attention on the fastest dense kernel that applies: FA4 on SM90+ GPUs where installed
+    (1.13-1.22x SDPA cuDNN on an H100), else PyTorch SDPA. Returns (output, backend name)."""
+    if query.is_cuda and _fa4_applies(query, 128):
+        from .kernels.fa4 import dense_attention_fa4
+
+        return dense_attention_fa4(query, key, value, scale=scale), "fa4"
+    return F.scaled_dot_product_attention(query, key, value, scale=scale), "sdpa"
 
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

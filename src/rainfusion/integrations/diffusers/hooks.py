@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ...attention import sparse_attention
-from ...backends import log_once
+from ...backends import dense_attention, log_once
+from ...checks import check_scale
 from ...config import AnyConfig
 from ...layout import VideoLayout
 from ...state import AttentionState, AttentionStats
@@ -77,13 +78,14 @@ class _AttentionInterceptor(TorchFunctionMode):
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
         c = self.controller
-        dense = (c.layout is None or self.layer in c.skip_layers or attn_mask is not None or is_causal
-                 or dropout_p > 0 or query.shape[2] != c.layout.num_tokens or key.shape[2] != c.layout.num_tokens)
-        if dense:
-            if attn_mask is not None and self.layer not in c.skip_layers:
-                log_once("rainfusion: an attention call with a mask runs dense")
+        plain = attn_mask is None and not is_causal and dropout_p == 0 and not enable_gqa
+        if not plain:
+            log_once("rainfusion: an attention call with a mask, causality or dropout runs dense (SDPA)")
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if (c.layout is None or self.layer in c.skip_layers or query.shape[2] != c.layout.num_tokens
+                or key.shape[2] != c.layout.num_tokens):
+            return dense_attention(query, key, value, check_scale(scale, query.shape[-1]))[0]
         state = c.state_for(self.layer)
         out = sparse_attention(query, key, value, layout=c.layout, config=c.config, state=state, scale=scale)
         c.history.append((c.step, c.call_in_step, self.layer, state.stats))
