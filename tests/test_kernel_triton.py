@@ -178,8 +178,8 @@ def _int32(*values: int) -> torch.Tensor:
         (lambda a: a.update(mask=a["mask"].to_dense()), TypeError, "mask must be a BlockSparseMask, got Tensor"),
         (lambda a: a.update(mask=_mask(1, 2, 256, 256, 64)), ValueError, "mask is for q_len x kv_len = 256 x 256"),
         (lambda a: a.update(mask=_mask(1, 3, 150, 150, 64)), ValueError, "batch x heads = 1 x 3, expected 1 x 2"),
-        (lambda a: a.update(kv_valid_len=_int32(5).long()), TypeError,
-         "kv_valid_len must be an int32 tensor, got torch.int64"),
+        (lambda a: a.update(kv_valid_len=_int32(5).float()), TypeError,
+         "kv_valid_len must be an int32 or int64 tensor, got torch.float32"),
         (lambda a: a.update(kv_valid_len=_int32(5, 5)), ValueError, r"kv_valid_len must have shape \[1\]"),
     ],
 )

@@ -48,3 +48,35 @@ def test_heads_with_different_masks_in_one_call():
                                         type(mask).from_dense(mask.to_dense()[:, head:head + 1], q_len=256,
                                                               kv_len=256, block_size=64), backend="portable")
         assert torch.allclose(out[:, head:head + 1], single, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["portable", "reference", "triton"])
+def test_kv_valid_len_ignores_padded_keys(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 300, 64, generator=g).to(device, dtype) for _ in range(3))
+    m = random_block_mask(3, 2, 300, 300, 64, density=0.6, generator=g)
+    mask = type(m)(m.counts.to(device), m.indices.to(device), 300, 300, 64)
+    valid = torch.tensor([300, 170, 0], device=device)
+    out = block_sparse_attention(q, k, v, mask, kv_valid_len=valid, backend=backend)
+    keys = torch.arange(300, device=device)
+    from rainfusion.reference import token_mask
+
+    allowed = token_mask(mask) & (keys < valid.view(-1, 1, 1, 1))
+    ref = masked_attention(q, k, v, allowed)
+    assert relative_l2(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # no valid key at all
+
+
+def test_kv_valid_len_is_checked():
+    q, k, v = (torch.randn(2, 2, 200, 16) for _ in range(3))
+    mask = random_block_mask(1, 2, 200, 200, 64)
+    with pytest.raises(TypeError, match="kv_valid_len must be an int32 or int64 tensor, got torch.float32"):
+        block_sparse_attention(q, k, v, mask, kv_valid_len=torch.ones(2))
+    with pytest.raises(ValueError, match=r"kv_valid_len must have shape \[2\], got \(3,\)"):
+        block_sparse_attention(q, k, v, mask, kv_valid_len=torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend='fa4' does not take kv_valid_len"):
+        block_sparse_attention(q, k, v, mask, kv_valid_len=torch.ones(2, dtype=torch.int64), backend="fa4")

@@ -8,7 +8,7 @@ import torch
 
 from .arm import arm_fractions, recognise_heads
 from .backends import dense_attention, resolve_backend, run_block_sparse
-from .checks import check_block_mask, check_qkv, check_scale
+from .checks import check_block_mask, check_kv_valid_len, check_qkv, check_scale
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
 from .layout import VideoLayout
@@ -19,17 +19,19 @@ from .state import AttentionState, AttentionStats, MaskCache
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            block_mask: BlockSparseMask, *, scale: float | None = None,
-                           backend: str = "auto") -> torch.Tensor:
+                           kv_valid_len: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention restricted to the key blocks listed in ``block_mask``.
 
     query [B, H, Nq, D], key/value [B, H, Nk, D]; block_mask for (B or 1, H or 1) with
-    q_len == Nq and kv_len == Nk. Returns [B, H, Nq, D] in the input dtype. Query rows that list
-    no key block give 0.
+    q_len == Nq and kv_len == Nk; kv_valid_len (int [B], optional): keys at positions >= it are
+    padding and ignored (e.g. padded text). Returns [B, H, Nq, D] in the input dtype. Query rows
+    that see no key give 0.
     """
     check_qkv(query, key, value)
     mask = check_block_mask(block_mask, query, key)
-    name = resolve_backend(backend, query, mask.block_size)
-    return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]))
+    kv_valid_len = check_kv_valid_len(kv_valid_len, query)
+    name = resolve_backend(backend, query, mask.block_size, padded_keys=kv_valid_len is not None)
+    return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]), kv_valid_len)
 
 
 def _v2_order(layout: VideoLayout, config: RainFusion2Config, device: torch.device) -> TokenOrder:

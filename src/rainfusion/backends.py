@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .mask import BlockSparseMask
 from .portable import block_sparse_attention_portable
-from .reference import masked_attention
+from .reference import masked_attention, token_mask
 
 BACKENDS = ("auto", "fa4", "triton", "portable", "reference")
 logger = logging.getLogger("rainfusion")
@@ -54,16 +54,16 @@ def _fa4_applies(query: torch.Tensor, block_size: int) -> bool:
             and query.shape[-1] in HEAD_DIMS and block_size == 128)
 
 
-def resolve_backend(backend: str, query: torch.Tensor, block_size: int) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_keys: bool = False) -> str:
     """The backend that will run ``query`` [B, H, N, D] with masks of ``block_size`` for the
-    requested ``backend``."""
+    requested ``backend``; ``padded_keys``: the call has per-item valid key counts (FA4 can't)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = query.device
     if backend == "auto":
         if device.type != "cuda":
             return "portable"
-        if _fa4_applies(query, block_size):
+        if _fa4_applies(query, block_size) and not padded_keys:
             return "fa4"
         if not triton_available():
             log_once("rainfusion: Triton is not installed; using the slower portable backend on CUDA")
@@ -80,6 +80,8 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int) -> str:
             f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1), got tensors on "
             f"{device}; use backend='portable' or 'auto'"
         )
+    if backend == "fa4" and padded_keys:
+        raise ValueError("backend='fa4' does not take kv_valid_len; use backend='triton' or 'auto'")
     if backend == "fa4" and not (device.type == "cuda" and _fa4_applies(query, block_size)):
         raise ValueError(
             "backend='fa4' needs flash-attn-4 on an SM90+ GPU, bf16/fp16 tensors, head dim 64 or 128 and "
@@ -99,8 +101,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: BlockSparseMask, scale: float) -> torch.Tensor:
-    """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype."""
+                     mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
+    kv_valid_len int32 [B] or None (not with fa4)."""
     if backend == "fa4":
         from .kernels.fa4 import block_sparse_attention_fa4
 
@@ -108,7 +111,11 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
     if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(query, key, value, mask, scale=scale)
+        return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
     if backend == "portable":
-        return block_sparse_attention_portable(query, key, value, mask, scale=scale)
-    return masked_attention(query, key, value, mask, scale=scale).to(query.dtype)
+        return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
+    allowed = token_mask(mask)
+    if kv_valid_len is not None:
+        keys = torch.arange(key.shape[2], device=key.device)
+        allowed = allowed & (keys < kv_valid_len.view(-1, 1, 1, 1))
+    return masked_attention(query, key, value, allowed, scale=scale).to(query.dtype)

@@ -66,3 +66,17 @@ def check_scale(scale: object, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
     return float(scale)
+
+
+def check_kv_valid_len(kv_valid_len: object, query: torch.Tensor) -> torch.Tensor | None:
+    """Per-item valid key counts as int32 [B] on the query's device (None stays None)."""
+    if kv_valid_len is None:
+        return None
+    if not isinstance(kv_valid_len, torch.Tensor) or kv_valid_len.dtype not in (torch.int32, torch.int64):
+        got = kv_valid_len.dtype if isinstance(kv_valid_len, torch.Tensor) else type(kv_valid_len).__name__
+        raise TypeError(f"kv_valid_len must be an int32 or int64 tensor, got {got}")
+    if kv_valid_len.shape != (query.shape[0],):
+        raise ValueError(f"kv_valid_len must have shape [{query.shape[0]}], got {tuple(kv_valid_len.shape)}")
+    if kv_valid_len.device != query.device:
+        raise ValueError(f"kv_valid_len is on {kv_valid_len.device}, but query is on {query.device}")
+    return kv_valid_len.to(torch.int32)

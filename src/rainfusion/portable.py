@@ -40,9 +40,10 @@ def _chunks(full_rows: list[bool], rows_per_chunk_sparse: int, rows_per_chunk_fu
 
 
 def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                    mask: BlockSparseMask, *, scale: float,
+                                    mask: BlockSparseMask, *, scale: float, kv_valid_len: torch.Tensor | None = None,
                                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """query [B, H, Nq, D], key/value [B, H, Nk, D], mask for (B, H) -> [B, H, Nq, D].
+    """query [B, H, Nq, D], key/value [B, H, Nk, D], mask for (B, H) -> [B, H, Nq, D]; keys at
+    positions >= ``kv_valid_len[b]`` (int [B]) are ignored.
 
     Reads ``mask.counts`` on the host once to find the chunks with full rows.
     """
@@ -56,7 +57,9 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
     k = torch.nn.functional.pad(key.float(), (0, 0, 0, kv_blocks * bs - n_k))
     v = torch.nn.functional.pad(value.float(), (0, 0, 0, kv_blocks * bs - n_k))
     k_blocks, v_blocks = k.unflatten(2, (kv_blocks, bs)), v.unflatten(2, (kv_blocks, bs))
-    key_valid = (torch.arange(kv_blocks * bs, device=query.device) < n_k).view(kv_blocks, bs)
+    limit = torch.full((b,), n_k, device=query.device) if kv_valid_len is None else kv_valid_len.clamp(max=n_k)
+    key_valid = (torch.arange(kv_blocks * bs, device=query.device) < limit[:, None]).view(b, kv_blocks, bs)
+    item = torch.arange(b, device=query.device).view(b, 1, 1, 1)
     dense_block_mask = None
 
     counts = mask.counts.long()
@@ -72,7 +75,7 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
         if has_full:
             if dense_block_mask is None:
                 dense_block_mask = mask.to_dense()
-            allowed = dense_block_mask[:, :, start:stop, :, None] & key_valid  # [B, H, c, nk, bs]
+            allowed = dense_block_mask[:, :, start:stop, :, None] & key_valid[:, None, None]  # [B, H, c, nk, bs]
             allowed = allowed.flatten(-2).unsqueeze(-2)  # [B, H, c, 1, nk*bs]
             scores = q_chunk @ k.unsqueeze(2).transpose(-1, -2)
             out[:, :, start:stop] = _softmax_weighted_sum(scores, allowed, v.unsqueeze(2))
@@ -86,7 +89,7 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
         gather = flat[..., None, None].expand(-1, -1, -1, bs, d)
         k_sel = torch.gather(k_blocks, 2, gather).unflatten(2, idx.shape[2:])  # [B, H, c, W, bs, D]
         v_sel = torch.gather(v_blocks, 2, gather).unflatten(2, idx.shape[2:])
-        allowed = (listed[..., None] & key_valid[idx]).flatten(-2).unsqueeze(-2)  # [B, H, c, 1, W*bs]
+        allowed = (listed[..., None] & key_valid[item, idx]).flatten(-2).unsqueeze(-2)  # [B, H, c, 1, W*bs]
         scores = q_chunk @ k_sel.flatten(3, 4).transpose(-1, -2)
         out[:, :, start:stop] = _softmax_weighted_sum(scores, allowed, v_sel.flatten(3, 4))
 

@@ -15,7 +15,7 @@ import torch
 import triton
 from triton.runtime import JITFunction
 
-from ..checks import check_block_mask, check_qkv
+from ..checks import check_block_mask, check_kv_valid_len, check_qkv
 from ..mask import BlockSparseMask, num_blocks
 from . import _block_sparse_fwd
 from .memory import empty_like_layout
@@ -110,8 +110,8 @@ def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, retur
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
-def _check_kernel_inputs(query: torch.Tensor, kv_valid_len: object) -> None:
-    """What this kernel needs beyond ``check_qkv``: device, dtype, head dim, kv_valid_len."""
+def _check_kernel_inputs(query: torch.Tensor) -> None:
+    """What this kernel needs beyond ``check_qkv``: device, dtype, head dim."""
     if query.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"query is on {query.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 "
@@ -120,17 +120,9 @@ def _check_kernel_inputs(query: torch.Tensor, kv_valid_len: object) -> None:
     dtypes = INTERPRETER_DTYPES if INTERPRETED else DTYPES
     if query.dtype not in dtypes:
         raise TypeError(f"query dtype must be one of {dtypes}, got {query.dtype}")
-    b, d = query.shape[0], query.shape[-1]
+    d = query.shape[-1]
     if d not in HEAD_DIMS:
         raise ValueError(f"query head dim must be one of {HEAD_DIMS}, got {d}")
-    if kv_valid_len is not None:
-        if not isinstance(kv_valid_len, torch.Tensor) or kv_valid_len.dtype != torch.int32:
-            got = kv_valid_len.dtype if isinstance(kv_valid_len, torch.Tensor) else type(kv_valid_len).__name__
-            raise TypeError(f"kv_valid_len must be an int32 tensor, got {got}")
-        if kv_valid_len.shape != (b,):
-            raise ValueError(f"kv_valid_len must have shape [{b}], got {tuple(kv_valid_len.shape)}")
-        if kv_valid_len.device != query.device:
-            raise ValueError(f"kv_valid_len is on {kv_valid_len.device} but query is on {query.device}")
 
 
 def block_sparse_attention_triton(
@@ -153,7 +145,8 @@ def block_sparse_attention_triton(
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
-    _check_kernel_inputs(query, kv_valid_len)
+    _check_kernel_inputs(query)
+    kv_valid_len = check_kv_valid_len(kv_valid_len, query)
     out, lse = _block_sparse_attention_op(
         query, key, value, mask.counts, mask.indices, kv_valid_len, mask.block_size, float(scale), return_lse
     )
