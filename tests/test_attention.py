@@ -183,3 +183,21 @@ def test_sparse_attention_compiles_on_gpu():
     eager = sparse_attention(q, k, v, layout=layout, config=config, backend="triton")
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, layout=layout, config=config, backend="triton"))
     assert relative_l2(compiled(q, k, v), eager) < 1e-2
+
+
+@pytest.mark.parametrize("config", [RainFusion2Config(block_size=64), RainFusionConfig(block_size=64, alpha=0.6)])
+def test_text_rows_and_columns_are_dense_wherever_the_text_sits(config):
+    for layout in LAYOUTS[1:]:
+        q, k, v = qkv(layout, b=1, h=2, seed=3)
+        state = AttentionState()
+        sparse_attention(q, k, v, layout=layout, config=config, state=state)
+        cache = state.cache
+        order = cache.order.expand(1, 2, -1)
+        position = torch.empty_like(order)
+        position.scatter_(-1, order, torch.arange(layout.num_tokens).expand_as(order))  # token -> position
+        text = torch.arange(layout.text_start, layout.text_start + layout.text_len)
+        text_blocks = (position[..., text] // 64).unique()
+        kept = cache.mask.to_dense()
+        assert kept[:, :, text_blocks].all(), "text rows"
+        assert kept[..., text_blocks].all(), "text columns"
+        assert state.stats.mean_density < 1.0

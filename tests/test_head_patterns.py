@@ -21,21 +21,33 @@ def test_band_window_keeps_the_count_and_stays_inside():
     assert band_keep(0.5, 7) == 4 and band_keep(0.01, 7) == 1 and band_keep(1.0, 7) == 7
 
 
-def band_oracle(layout, pattern, fraction, num_dense, block_size=64):
+def dense_ends(layout, block_size=64):
+    """(head, tail): the sink and text-before tokens lead, text-after tokens trail; the tokens of
+    blocks holding any of them are [0, head) and [tail, N)."""
+    head = layout.frame_tokens + (layout.text_len if layout.text_position == "before" else 0)
+    tail_len = layout.text_len if layout.text_position == "after" else 0
+    n = layout.num_tokens
+    return -(-head // block_size) * block_size, ((n - tail_len) // block_size * block_size if tail_len else n)
+
+
+def band_oracle(layout, pattern, fraction, block_size=64):
     """bool [N, N] token mask of a pattern in its own order, built token by token; the blocks
     that hold dense-region tokens are dense in full."""
     n = layout.num_tokens
     frames = layout.frames - 1  # sink on
     hw = layout.frame_tokens
+    head = hw + (layout.text_len if layout.text_position == "before" else 0)
+    end = n - (layout.text_len if layout.text_position == "after" else 0)
     allowed = torch.zeros(n, n, dtype=torch.bool)
-    video = torch.arange(n - num_dense)
+    video = torch.arange(end - head)
     unit, units = (hw, frames) if pattern == SPATIAL else (frames, hw)
     lo, hi = band_window(video // unit, units, band_keep(fraction, units))
     key_unit = video // unit
-    allowed[num_dense:, num_dense:] = (key_unit >= lo[:, None]) & (key_unit < hi[:, None])
-    dense_end = -(-num_dense // block_size) * block_size
-    allowed[:dense_end] = True
-    allowed[:, :dense_end] = True
+    allowed[head:end, head:end] = (key_unit >= lo[:, None]) & (key_unit < hi[:, None])
+    dense_head, dense_tail = dense_ends(layout, block_size)
+    for rows in (slice(0, dense_head), slice(dense_tail, n)):
+        allowed[rows] = True
+        allowed[:, rows] = True
     return allowed
 
 
@@ -44,10 +56,9 @@ def band_oracle(layout, pattern, fraction, num_dense, block_size=64):
 @pytest.mark.parametrize("fraction", [0.5, 0.25])
 def test_band_block_masks_cover_the_token_band_tightly(layout, pattern, fraction):
     table = head_pattern_table(layout, (fraction,), 2, True, 64, torch.device("cpu"))
-    num_dense = layout.text_len + layout.frame_tokens
     mask = table.block_mask(torch.tensor([[pattern]]))
     got = token_mask(mask)[0, 0]
-    want = band_oracle(layout, pattern, fraction, num_dense)
+    want = band_oracle(layout, pattern, fraction)
     assert not (want & ~got).any(), "a token pair of the band is missing"
     # block granularity: a query block spans up to 64 tokens + one unit of bands, and the key
     # range is rounded out to whole blocks on both sides
@@ -62,13 +73,13 @@ def test_textural_mask_keeps_the_checkerboard_subset_for_every_query(layout, tau
     table = head_pattern_table(layout, (0.5,), tau, True, 64, torch.device("cpu"))
     mask = table.block_mask(torch.tensor([[TEXTURAL]]))
     got = token_mask(mask)[0, 0]
-    num_dense = layout.text_len + layout.frame_tokens
+    head = layout.frame_tokens + (layout.text_len if layout.text_position == "before" else 0)
     kept = int(checkerboard_keep(layout.height, layout.width, tau).sum()) * (layout.frames - 1)
-    assert got[:, : num_dense + kept].all()
-    assert got[:num_dense].all()
-    dense_end = -(-num_dense // 64) * 64  # rows of blocks holding dense tokens are full
-    last_kept_block_end = -(-(num_dense + kept) // 64) * 64
-    assert not got[dense_end:, last_kept_block_end:].any()
+    dense_head, dense_tail = dense_ends(layout)  # rows and columns of blocks with dense tokens are full
+    assert got[:, : head + kept].all() and got[:, dense_tail:].all()
+    assert got[:dense_head].all() and got[dense_tail:].all()
+    last_kept_block_end = -(-(head + kept) // 64) * 64
+    assert not got[dense_head:dense_tail, last_kept_block_end:dense_tail].any()
 
 
 def test_dense_rows_are_full_and_density_follows_the_fraction():

@@ -74,3 +74,11 @@ def test_from_dense_rejects_wrong_shape():
         BlockSparseMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), q_len=256, kv_len=300, block_size=128)
     with pytest.raises(TypeError, match="bool"):
         BlockSparseMask.from_dense(torch.ones(1, 1, 2, 2), q_len=256, kv_len=256, block_size=128)
+
+
+def test_full_rows_ignore_whatever_their_table_holds():
+    counts = torch.tensor([[[4, 1]]], dtype=torch.int32)
+    indices = torch.tensor([[[[99, -5], [2, 77]]]], dtype=torch.int32)  # row 0 is full: its entries are junk
+    mask = BlockSparseMask(counts, indices, q_len=256, kv_len=512, block_size=128)
+    assert mask.to_dense()[0, 0].tolist() == [[True] * 4, [False, False, True, False]]
+    assert mask.full_indices()[0, 0, 0].tolist() == [0, 1, 2, 3]

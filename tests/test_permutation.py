@@ -20,7 +20,7 @@ def coords(layout, token):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("sink", [True, False])
-def test_order_is_a_permutation_with_the_dense_region_first(layout, order, sink):
+def test_order_is_a_permutation_with_the_dense_region_at_the_ends(layout, order, sink):
     o = token_order(layout, order, sink_first_frame=sink, tau=3)
     n = layout.num_tokens
     assert torch.equal(torch.sort(o.index).values, torch.arange(n))
@@ -29,15 +29,19 @@ def test_order_is_a_permutation_with_the_dense_region_first(layout, order, sink)
     assert torch.equal(gather_tokens(gather_tokens(x, o.index), o.inverse), x)
     text = set(range(layout.text_start, layout.text_start + layout.text_len))
     sink_tokens = set(range(layout.video_start, layout.video_start + layout.frame_tokens)) if sink else set()
-    assert o.num_dense == len(text) + len(sink_tokens)
-    assert set(o.index[: o.num_dense].tolist()) == text | sink_tokens
+    leading = (text if layout.text_position == "before" else set()) | sink_tokens
+    trailing = text if layout.text_position == "after" else set()
+    assert (o.num_dense, o.num_dense_tail) == (len(leading), len(trailing))
+    assert set(o.index[: o.num_dense].tolist()) == leading
+    # trailing text keeps its place at the very end, so a padding of its last tokens stays a suffix
+    assert o.index[n - o.num_dense_tail:].tolist() == sorted(trailing)
 
 
 def test_window3d_blocks_are_compact_2x8x8_regions():
     layout = VideoLayout(9, 16, 24, text_len=128, text_position="after")  # 8 non-sink frames
     o = token_order(layout, "window3d")
-    assert o.num_dense == 128 + 16 * 24  # a multiple of 128: windows start on block boundaries
-    rest = o.index[o.num_dense:]
+    assert o.num_dense == 16 * 24 and o.num_dense_tail == 128  # windows start on block boundaries
+    rest = o.index[o.num_dense: layout.num_tokens - o.num_dense_tail]
     for block in rest.split(128):
         t, h, w = coords(layout, block)
         assert len(set(t.tolist())) == 2 and t.max() - t.min() == 1

@@ -105,8 +105,8 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         permuted = [gather_tokens(t, order.index) for t in (query, key, value)]
         if not reuse:
             mask, predict_seconds = _timed(
-                lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense, config=config,
-                                           scale=scale),
+                lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense,
+                                           num_dense_tail=order.num_dense_tail, config=config, scale=scale),
                 profile, query.device)
             cache = MaskCache(cache_key, sparse_step, mask, order.index, order.inverse, None)
     else:  # each head's order follows its recognised pattern

@@ -22,6 +22,7 @@ import torch
 
 from .layout import VideoLayout
 from .mask import BlockSparseMask, num_blocks
+from .predictor import dense_block_range
 from .permutation import checkerboard_keep, token_order
 
 SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
@@ -55,7 +56,8 @@ class HeadPatternTable:
     Candidate ``c = pattern * len(fractions) + f`` is pattern ``pattern`` with band fraction
     ``fractions[f]`` (textural ignores the fraction).
     orders, inverses: int64 [3, N], the token order of each pattern.
-    key_lo, key_hi: int32 [C, q_blocks], the key-block range of each candidate per query block.
+    key_lo, key_hi: int32 [C, q_blocks], the key-block range of each candidate per query block,
+        inside the sparse blocks [dense_blocks, tail_start); the blocks outside are dense.
     """
 
     orders: torch.Tensor
@@ -64,6 +66,7 @@ class HeadPatternTable:
     key_hi: torch.Tensor
     fractions: tuple[float, ...]
     dense_blocks: int
+    tail_start: int
     width: int
     seq_len: int
     block_size: int
@@ -72,24 +75,27 @@ class HeadPatternTable:
         """BlockSparseMask [B, H] for candidate ids ``candidate`` (int64 [B, H]), in each head's order."""
         kv_blocks = num_blocks(self.seq_len, self.block_size)
         lo = self.key_lo[candidate].long()  # [B, H, q_blocks]
-        hi = self.key_hi[candidate].long()
+        span = (self.key_hi[candidate].long() - lo).clamp_min(0)
         q_blocks = lo.shape[-1]
-        dense = self.dense_blocks
-        lo = lo.clamp_min(dense)
+        head, tail = self.dense_blocks, self.tail_start
         row = torch.arange(q_blocks, device=lo.device)
-        counts = torch.where(row < dense, kv_blocks, dense + (hi - lo).clamp_min(0))
+        dense_row = (row < head) | (row >= tail)
+        counts = torch.where(dense_row, kv_blocks, head + span + kv_blocks - tail)
+        # slots: the head blocks, then the band, then the tail blocks
         slot = torch.arange(self.width, device=lo.device)
-        indices = torch.where(slot < dense, slot, lo.unsqueeze(-1) + slot - dense)
+        band_end = (head + span).unsqueeze(-1)
+        indices = torch.where(slot < head, slot, lo.unsqueeze(-1) + slot - head)
+        indices = torch.where(slot >= band_end, tail + slot - band_end, indices)
         return BlockSparseMask(
             counts.to(torch.int32), indices.to(torch.int32), self.seq_len, self.seq_len, self.block_size
         )
 
 
-def _key_ranges(layout: VideoLayout, pattern: int, fraction: float, num_dense: int, tau: int,
-                sink_first_frame: bool, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _key_ranges(layout: VideoLayout, pattern: int, fraction: float, num_dense: int, num_dense_tail: int,
+                tau: int, sink_first_frame: bool, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 [q_blocks] key-block range [lo, hi) of one candidate (dense region excluded)."""
-    n = layout.num_tokens
-    start = torch.arange(num_blocks(n, block_size)) * block_size
+    n = layout.num_tokens - num_dense_tail  # end of the sparse video tokens
+    start = torch.arange(num_blocks(layout.num_tokens, block_size)) * block_size
     if n == num_dense:  # nothing but the dense region: every row is full
         return torch.zeros_like(start), torch.zeros_like(start)
     if pattern == TEXTURAL:
@@ -99,7 +105,7 @@ def _key_ranges(layout: VideoLayout, pattern: int, fraction: float, num_dense: i
         return lo, torch.full_like(start, num_blocks(num_dense + kept, block_size))
     unit, units = _band_units(layout, pattern, sink_first_frame)
     first = (start - num_dense).clamp(0, n - num_dense - 1) // unit
-    last = ((start + block_size).clamp(max=n) - 1 - num_dense).clamp_min(0) // unit
+    last = ((start + block_size).clamp(max=n) - 1 - num_dense).clamp(0, n - num_dense - 1) // unit
     keep = band_keep(fraction, units)
     lo, _ = band_window(first, units, keep)
     _, hi = band_window(last, units, keep)
@@ -113,14 +119,15 @@ def head_pattern_table(layout: VideoLayout, fractions: tuple[float, ...], tau: i
     """The cached HeadPatternTable of a layout and v1 settings."""
     orders = [token_order(layout, name, sink_first_frame=sink_first_frame, tau=tau, device=device)
               for name in PATTERN_ORDERS]
-    num_dense = orders[0].num_dense
-    ranges = [_key_ranges(layout, pattern, f, num_dense, tau, sink_first_frame, block_size)
+    num_dense, num_dense_tail = orders[0].num_dense, orders[0].num_dense_tail
+    ranges = [_key_ranges(layout, pattern, f, num_dense, num_dense_tail, tau, sink_first_frame, block_size)
               for pattern in (SPATIAL, TEMPORAL, TEXTURAL) for f in fractions]
-    key_lo = torch.stack([lo for lo, _ in ranges])
-    key_hi = torch.stack([hi for _, hi in ranges])
-    dense_blocks = num_blocks(num_dense, block_size)
+    dense_blocks, tail_start = dense_block_range(layout.num_tokens, num_dense, num_dense_tail, block_size)
+    key_lo = torch.stack([lo for lo, _ in ranges]).clamp(dense_blocks, tail_start)
+    key_hi = torch.stack([hi for _, hi in ranges]).clamp(dense_blocks, tail_start)
     kv_blocks = num_blocks(layout.num_tokens, block_size)
-    width = min(kv_blocks, dense_blocks + int((key_hi - key_lo.clamp_min(dense_blocks)).max()))
+    tail_blocks = kv_blocks - tail_start
+    width = min(kv_blocks, dense_blocks + int((key_hi - key_lo).clamp_min(0).max()) + tail_blocks)
     return HeadPatternTable(
         orders=torch.stack([o.index for o in orders]),
         inverses=torch.stack([o.inverse for o in orders]),
@@ -128,6 +135,7 @@ def head_pattern_table(layout: VideoLayout, fractions: tuple[float, ...], tau: i
         key_hi=key_hi.to(device=device, dtype=torch.int32),
         fractions=fractions,
         dense_blocks=dense_blocks,
+        tail_start=tail_start,
         width=width,
         seq_len=layout.num_tokens,
         block_size=block_size,

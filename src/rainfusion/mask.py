@@ -116,7 +116,8 @@ class BlockSparseMask:
         b, h, qb, kb = self.shape
         width = self.indices.shape[-1]
         slot = torch.arange(width, device=self.counts.device)
-        valid = slot < self.counts.unsqueeze(-1).long()
+        counts = self.counts.unsqueeze(-1).long()
+        valid = (slot < counts) & (counts != kb)  # full rows read no entries
         target = torch.where(valid, self.indices.long(), kb)
         dense = torch.zeros(b, h, qb, kb + 1, dtype=torch.bool, device=self.counts.device)
         dense.scatter_(-1, target, True)

@@ -1,8 +1,9 @@
 """Token orders: where each token goes before block-sparse attention, and back.
 
-Every order puts the *dense region* first: the text tokens, then (with the first-frame sink)
-the tokens of frame 0. The remaining video tokens follow in an order chosen so that a block of
-consecutive tokens is a compact region of the video:
+Every order keeps the *dense region* at the ends: text tokens that come before the video, then
+(with the first-frame sink) the tokens of frame 0, first; text tokens that come after the video
+last (so a key padding of trailing text stays a suffix). The video tokens in between follow an
+order chosen so that a block of consecutive tokens is a compact region of the video:
 
 - ``raster``      (t, h, w) order (``"none"`` in the v2 config);
 - ``window3d``    windows of 2 x 8 x 8 tokens, windows in raster order, raster order inside;
@@ -32,12 +33,14 @@ WINDOWS = {"window3d": (2, 8, 8), "tile2d": (1, 8, 8)}
 class TokenOrder:
     """Position i of the permuted sequence holds token ``index[i]``; ``inverse`` undoes it.
 
-    index, inverse: int64 [N]. num_dense: length of the leading dense region (text + sink).
+    index, inverse: int64 [N]. num_dense: length of the leading dense region (text before the
+    video + sink); num_dense_tail: length of the trailing one (text after the video).
     """
 
     index: torch.Tensor
     inverse: torch.Tensor
     num_dense: int
+    num_dense_tail: int = 0
 
 
 def checkerboard_keep(height: int, width: int, tau: int) -> torch.Tensor:
@@ -87,17 +90,20 @@ def _token_order_cpu(layout: VideoLayout, order: str, sink_first_frame: bool, ta
     key = _video_key(layout, frames, t_rest, h[rest], w[rest], order, tau)
     rest_index = video_index[rest][torch.argsort(key, stable=True)]
 
-    index = torch.cat([text_index, video_index[sink], rest_index])
+    text_first = layout.text_position == "before"
+    head = torch.cat([text_index if text_first else text_index[:0], video_index[sink]])
+    tail = text_index[:0] if text_first else text_index
+    index = torch.cat([head, rest_index, tail])
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel())
-    return TokenOrder(index, inverse, layout.text_len + int(sink.sum()))
+    return TokenOrder(index, inverse, head.numel(), tail.numel())
 
 
 @lru_cache(maxsize=128)
 def _token_order_on(layout: VideoLayout, order: str, sink_first_frame: bool, tau: int,
                     device: torch.device) -> TokenOrder:
     cpu = _token_order_cpu(layout, order, sink_first_frame, tau)
-    return TokenOrder(cpu.index.to(device), cpu.inverse.to(device), cpu.num_dense)
+    return TokenOrder(cpu.index.to(device), cpu.inverse.to(device), cpu.num_dense, cpu.num_dense_tail)
 
 
 def token_order(layout: VideoLayout, order: str, *, sink_first_frame: bool = True, tau: int = 2,

@@ -36,23 +36,32 @@ def keep_count(kv_blocks: int, sparsity: float) -> int:
     return max(1, math.ceil(kv_blocks * (1.0 - sparsity) - 1e-9))
 
 
-def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int,
+def dense_block_range(n: int, num_dense: int, num_dense_tail: int, block_size: int) -> tuple[int, int]:
+    """(head, tail_start): blocks [0, head) and [tail_start, blocks) hold dense-region tokens."""
+    blocks = num_blocks(n, block_size)
+    head = num_blocks(num_dense, block_size)
+    tail_start = (n - num_dense_tail) // block_size if num_dense_tail else blocks
+    return head, max(head, tail_start)
+
+
+def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int, num_dense_tail: int = 0,
                        config: RainFusion2Config, scale: float) -> BlockSparseMask:
-    """BlockSparseMask [B, H] for permuted query/key [B, H, N, D] whose first ``num_dense``
-    tokens are the dense region (text + first-frame sink)."""
+    """BlockSparseMask [B, H] for permuted query/key [B, H, N, D] whose first ``num_dense`` and
+    last ``num_dense_tail`` tokens are the dense region (text, first-frame sink)."""
     bs = config.block_size
     n = query.shape[2]
     blocks = num_blocks(n, bs)
-    dense_blocks = num_blocks(num_dense, bs)
+    head, tail_start = dense_block_range(n, num_dense, num_dense_tail, bs)
+    block = torch.arange(blocks, device=query.device)
+    dense = (block < head) | (block >= tail_start)
     q_mean = block_means(query, bs)
     k_mean = block_means(key, bs)
     probs = torch.softmax((q_mean @ k_mean.transpose(-1, -2)) * scale, dim=-1)  # [B, H, nb, nb]
 
-    block = torch.arange(blocks, device=query.device)
-    forced = (block < dense_blocks).expand(blocks, blocks)
+    forced = dense.expand(blocks, blocks)
     if config.force_diagonal:
         forced = forced | torch.eye(blocks, dtype=torch.bool, device=query.device)
-    forced_count = min(blocks, dense_blocks + int(config.force_diagonal))
+    forced_count = min(blocks, head + blocks - tail_start + int(config.force_diagonal))
     width = min(blocks, keep_count(blocks, config.sparsity) + forced_count)
 
     # probabilities are <= 1, so +2 ranks every forced block first; a full sort is faster than
@@ -65,7 +74,7 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
         mass = torch.cumsum(rank_score - 2.0 * (rank_score > 1.0), dim=-1)
         reach = (mass < config.top_p).sum(-1) + 1
         counts = reach.clamp(forced_count, width)
-    counts = torch.where(block < dense_blocks, blocks, counts)
+    counts = torch.where(dense, blocks, counts)
 
     slot = torch.arange(width, device=query.device)
     ranked = torch.where(slot < counts.unsqueeze(-1), ranked, blocks)
