@@ -6,7 +6,7 @@ from masks import random_block_mask
 from rainfusion import (AttentionState, BlockSparseMask, RainFusion2Config, RainFusionConfig, VideoLayout,
                         block_sparse_attention, sparse_attention)
 from rainfusion.permutation import gather_tokens
-from rainfusion.reference import masked_attention, relative_l2
+from rainfusion.reference import masked_attention, relative_l2, token_mask
 
 LAYOUTS = [
     VideoLayout(4, 8, 12),
@@ -201,3 +201,36 @@ def test_text_rows_and_columns_are_dense_wherever_the_text_sits(config):
         assert kept[:, :, text_blocks].all(), "text rows"
         assert kept[..., text_blocks].all(), "text columns"
         assert state.stats.mean_density < 1.0
+
+
+@pytest.mark.parametrize("config", [RainFusion2Config(block_size=64, sparsity=0.0), RainFusionConfig(block_size=64, sparsity=0.0),
+                                    RainFusion2Config(block_size=64), RainFusionConfig(block_size=64, alpha=0.6)])
+def test_padded_trailing_text_is_masked_out(config):
+    layout = LAYOUTS[2]  # text after the video
+    q, k, v = qkv(layout, b=2, h=2, seed=5)
+    n = layout.num_tokens
+    valid = torch.tensor([n, n - 15])  # the second item pads its last 15 text tokens
+    state = AttentionState()
+    out = sparse_attention(q, k, v, layout=layout, config=config, state=state, kv_valid_len=valid)
+    keys = torch.arange(n)
+    cache = state.cache
+    permuted = [gather_tokens(t, cache.order) for t in (q, k, v)]
+    allowed = token_mask(cache.mask.expand(2, 2)) & (keys < valid.view(-1, 1, 1, 1))
+    ref = gather_tokens(masked_attention(*permuted, allowed), cache.inverse)
+    assert relative_l2(out, ref) < 1e-5
+    if config.sparsity == 0:  # and it is exactly SDPA with the padding mask
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=keys < valid.view(-1, 1, 1, 1))
+        assert relative_l2(out, sdpa) < 1e-5
+    # warm-up steps mask the padding too
+    warm = AttentionState(num_steps=10)
+    dense = sparse_attention(q, k, v, layout=layout, config=config, state=warm, kv_valid_len=valid)
+    assert warm.stats.dense
+    assert relative_l2(dense, F.scaled_dot_product_attention(q, k, v, attn_mask=keys < valid.view(-1, 1, 1, 1))) < 1e-6
+
+
+def test_kv_valid_len_needs_trailing_text():
+    layout = LAYOUTS[1]  # text before
+    q, k, v = qkv(layout, b=1, h=2)
+    with pytest.raises(ValueError, match="kv_valid_len marks padding at the end of the sequence"):
+        sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(block_size=64),
+                         kv_valid_len=torch.tensor([layout.num_tokens - 3]))

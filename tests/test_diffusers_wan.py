@@ -1,5 +1,7 @@
 """apply_rainfusion / remove_rainfusion on diffusers' real WanTransformer3DModel (tiny random config)."""
 
+import re
+
 import pytest
 import torch
 
@@ -104,7 +106,9 @@ def test_layout_matches_the_model_token_order():
 
 
 def test_errors_for_unsupported_models_and_bad_arguments():
-    with pytest.raises(ValueError, match=r"does not support Linear; supported transformers: \['CogVideoXTransformer3DModel', 'FluxTransformer2DModel', 'LTXVideoTransformer3DModel', 'WanTransformer3DModel'\]"):
+    supported = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel",
+                 "LTXVideoTransformer3DModel", "WanTransformer3DModel")
+    with pytest.raises(ValueError, match=re.escape(f"does not support Linear; supported transformers: {list(supported)}")):
         apply_rainfusion(torch.nn.Linear(2, 2), RainFusion2Config())
     with pytest.raises(TypeError, match="model_or_pipeline must be a diffusers transformer or a pipeline"):
         apply_rainfusion(object(), RainFusion2Config())

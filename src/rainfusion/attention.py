@@ -63,13 +63,14 @@ def _timed(fn, profile: bool, device: torch.device):
 
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: VideoLayout,
                      config: AnyConfig, state: AttentionState | None = None, scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     kv_valid_len: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """RainFusion (v1) or RainFusion2.0 attention, a drop-in for ``scaled_dot_product_attention``.
 
     query, key, value [B, H, N, D] with N = layout.num_tokens. The method follows the config
     type. ``state`` (one per attention layer) carries the step index for the dense warm-up, the
-    cached mask between refreshes and the last call's ``stats``. Returns [B, H, N, D] in the
-    input dtype.
+    cached mask between refreshes and the last call's ``stats``. ``kv_valid_len`` (int [B]):
+    keys at positions >= it are padding (the end of text placed after the video, as
+    HunyuanVideo pads its prompt). Returns [B, H, N, D] in the input dtype.
     """
     check_qkv(query, key, value)
     if not isinstance(layout, VideoLayout):
@@ -81,18 +82,22 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     layout.check_sequence_length(query.shape[2], "query")
     layout.check_sequence_length(key.shape[2], "key")
     scale = check_scale(scale, query.shape[-1])
+    kv_valid_len = check_kv_valid_len(kv_valid_len, query)
+    if kv_valid_len is not None and layout.text_position != "after":
+        raise ValueError("kv_valid_len marks padding at the end of the sequence, which must be text after the "
+                         f"video; layout has text_position={layout.text_position!r}")
     method = "rainfusion" if isinstance(config, RainFusionConfig) else "rainfusion2"
     b, h = query.shape[:2]
     step = state.step if state is not None else 0
     warmup = state.warmup_steps(config.warmup_fraction) if state is not None else 0
 
     if step < warmup:
-        out, dense_backend = dense_attention(query, key, value, scale)
+        out, dense_backend = dense_attention(query, key, value, scale, kv_valid_len)
         if state is not None:
             state.stats = AttentionStats(method, dense_backend, step, True, torch.ones(b, h, device=query.device))
         return out
 
-    name = resolve_backend(backend, query, config.block_size)
+    name = resolve_backend(backend, query, config.block_size, padded_keys=kv_valid_len is not None)
     cache_key = (tuple(query.shape), query.device, layout, config)
     cache = state.cache if state is not None else None
     sparse_step = step - warmup
@@ -115,7 +120,8 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                                                 sparse_step), profile, query.device)
         permuted = [gather_tokens(t, cache.order) for t in (query, key, value)]
 
-    out = run_block_sparse(name, *permuted, cache.mask, scale)
+    # trailing text stays at the end in every token order: the padding is still a suffix
+    out = run_block_sparse(name, *permuted, cache.mask, scale, kv_valid_len)
     out = gather_tokens(out, cache.inverse)
     if state is not None:
         state.cache = cache

@@ -90,9 +90,15 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_k
     return backend
 
 
-def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> tuple[torch.Tensor, str]:
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                    kv_valid_len: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """Full attention on the fastest dense kernel that applies: FA4 on SM90+ GPUs where installed
-    (1.13-1.22x SDPA cuDNN on an H100), else PyTorch SDPA. Returns (output, backend name)."""
+    (1.13-1.22x SDPA cuDNN on an H100), else PyTorch SDPA; keys at positions >= kv_valid_len[b]
+    are masked out (SDPA with a mask). Returns (output, backend name)."""
+    if kv_valid_len is not None:
+        keys = torch.arange(key.shape[2], device=key.device)
+        allowed = (keys < kv_valid_len.view(-1, 1, 1, 1))
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale), "sdpa"
     if query.is_cuda and _fa4_applies(query, 128):
         from .kernels.fa4 import dense_attention_fa4
 

@@ -91,12 +91,28 @@ def _flux_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayo
     return VideoLayout(*found, text_len=text.shape[1], text_position="before")
 
 
+def _hunyuan_video_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout:
+    """HunyuanVideo: latents [B, C, T, H, W] patched by (p_t, p, p); joint attention over
+    [video, text] (text after the video, padded at its end: the model passes a key mask)."""
+    _, _, frames, height, width = _hidden_states(args, kwargs).shape
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+    p, p_t = model.config.patch_size, model.config.patch_size_t
+    return VideoLayout(frames // p_t, height // p, width // p, text_len=text.shape[1], text_position="after")
+
+
 GEOMETRIES: dict[str, ModelGeometry] = {
     # forward(hidden_states, timestep, encoder_hidden_states, ...)
     "WanTransformer3DModel": ModelGeometry(_wan_layout, lambda model: [block.attn1 for block in model.blocks], 1),
     # forward(hidden_states, encoder_hidden_states, timestep, ...)
     "CogVideoXTransformer3DModel": ModelGeometry(
         _cogvideox_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
+    # forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, ...); double-stream
+    # then single-stream blocks, all over [video, text]
+    "HunyuanVideoTransformer3DModel": ModelGeometry(
+        _hunyuan_video_layout,
+        lambda model: [block.attn for block in model.transformer_blocks]
+        + [block.attn for block in model.single_transformer_blocks],
+        1),
     # forward(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames, ...);
     # attn2 is cross-attention to the text
     "LTXVideoTransformer3DModel": ModelGeometry(

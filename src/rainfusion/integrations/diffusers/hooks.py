@@ -40,6 +40,7 @@ class RainFusionController:
     states: dict[tuple[int, int], AttentionState] = field(default_factory=dict)
     history: list[tuple[int, int, int, AttentionStats]] = field(default_factory=list)
     _last_timestep: float | None = None
+    _padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _originals: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
     _hook: object | None = None
 
@@ -55,6 +56,25 @@ class RainFusionController:
             self.step += 1
         self.call_in_step = 0 if new_generation or timestep != self._last_timestep else self.call_in_step + 1
         self.layout, self._last_timestep = layout, timestep
+
+    def key_padding(self, attn_mask: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """int32 [B] valid key counts when ``attn_mask`` is a boolean key padding of the trailing
+        text ([B, 1, 1, N], True = keep, the kept keys a prefix: HunyuanVideo's), else None.
+        Checked once per mask tensor (one host read), then reused by every layer."""
+        if self._padding is not None and self._padding[0] is attn_mask:
+            return self._padding[1]
+        valid = None
+        n = key.shape[2]
+        layout = self.layout
+        if (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1)
+                and attn_mask.shape[3] == n and layout is not None and layout.text_position == "after"):
+            counts = attn_mask.flatten(1).sum(-1)
+            prefix = torch.arange(n, device=attn_mask.device) < counts[:, None]
+            first_text = layout.text_start
+            if torch.equal(prefix, attn_mask.flatten(1)) and bool((counts >= first_text).all()):
+                valid = counts.to(torch.int32)
+        self._padding = (attn_mask, valid)
+        return valid
 
     def state_for(self, layer: int) -> AttentionState:
         state = self.states.setdefault((layer, self.call_in_step), AttentionState(num_steps=self.num_steps))
@@ -78,16 +98,18 @@ class _AttentionInterceptor(TorchFunctionMode):
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
         c = self.controller
-        plain = attn_mask is None and not is_causal and dropout_p == 0 and not enable_gqa
+        kv_valid_len = None if attn_mask is None else c.key_padding(attn_mask, key)
+        plain = (attn_mask is None or kv_valid_len is not None) and not is_causal and dropout_p == 0 and not enable_gqa
         if not plain:
-            log_once("rainfusion: an attention call with a mask, causality or dropout runs dense (SDPA)")
+            log_once("rainfusion: an attention call with a general mask, causality or dropout runs dense (SDPA)")
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         if (c.layout is None or self.layer in c.skip_layers or query.shape[2] != c.layout.num_tokens
                 or key.shape[2] != c.layout.num_tokens):
-            return dense_attention(query, key, value, check_scale(scale, query.shape[-1]))[0]
+            return dense_attention(query, key, value, check_scale(scale, query.shape[-1]), kv_valid_len)[0]
         state = c.state_for(self.layer)
-        out = sparse_attention(query, key, value, layout=c.layout, config=c.config, state=state, scale=scale)
+        out = sparse_attention(query, key, value, layout=c.layout, config=c.config, state=state, scale=scale,
+                               kv_valid_len=kv_valid_len)
         c.history.append((c.step, c.call_in_step, self.layer, state.stats))
         return out
 
