@@ -55,12 +55,12 @@ class RainFusionController:
         elif timestep != self._last_timestep:
             self.step += 1
         self.call_in_step = 0 if new_generation or timestep != self._last_timestep else self.call_in_step + 1
-        self.layout, self._last_timestep = layout, timestep
+        self.layout, self._last_timestep, self._padding = layout, timestep, None
 
     def key_padding(self, attn_mask: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """int32 [B] valid key counts when ``attn_mask`` is a boolean key padding of the trailing
         text ([B, 1, 1, N], True = keep, the kept keys a prefix: HunyuanVideo's), else None.
-        Checked once per mask tensor (one host read), then reused by every layer."""
+        Checked once per forward (the model passes one mask tensor to every layer)."""
         if self._padding is not None and self._padding[0] is attn_mask:
             return self._padding[1]
         valid = None
