@@ -11,12 +11,19 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_for(name: str, device: str) -> torch.dtype:
+    """``--dtype``: a named dtype, or for "auto" bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import check_report, format_table, run_bench, save_json
 
     report, states = run_bench(
         args.preset, methods=args.methods, batch=args.batch, heads=args.heads, device=args.device,
-        dtype=DTYPES[args.dtype], seed=args.seed, repeats=args.repeats, backend=args.backend,
+        dtype=dtype_for(args.dtype, args.device), seed=args.seed, repeats=args.repeats, backend=args.backend,
         progress=not args.no_progress,
     )
     print(format_table(report))
@@ -53,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--heads", type=int, help="override the preset's head count (fewer = faster)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    bench.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                       help="auto: bfloat16 on CUDA (what the GPU kernels take), float32 on CPU")
     bench.add_argument("--backend", default="auto", choices=["auto", "triton", "portable"])
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median)")

@@ -346,19 +346,15 @@ def generate(*, model: str, prompt: str, method: str, sparsity: float | None, st
 
 def main_generate(args) -> int:
     """CLI handler (argparse namespace from ``rainfusion.cli``)."""
-    from .cli import DTYPES
+    from .cli import dtype_for
 
     try:
         generate(model=args.model, prompt=args.prompt, method=args.method, sparsity=args.sparsity,
                  steps=args.steps, out=args.out, compare=args.compare, seed=args.seed, frames=args.frames,
                  height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
-                 dtype=DTYPES[args.dtype] if args.dtype != "auto" else _auto_dtype(args.device),
+                 dtype=dtype_for(args.dtype, args.device),
                  block_size=args.block_size, fps=args.fps, progress=not args.no_progress)
     except ModelNotAvailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-def _auto_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
