@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .mask import BlockSparseMask
 from .portable import block_sparse_attention_portable
-from .reference import masked_attention, token_mask
+from .reference import key_padding_mask, masked_attention, token_mask
 
 BACKENDS = ("auto", "fa4", "triton", "portable", "reference")
 logger = logging.getLogger("rainfusion")
@@ -96,8 +96,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (1.13-1.22x SDPA cuDNN on an H100), else PyTorch SDPA; keys at positions >= kv_valid_len[b]
     are masked out (SDPA with a mask). Returns (output, backend name)."""
     if kv_valid_len is not None:
-        keys = torch.arange(key.shape[2], device=key.device)
-        allowed = (keys < kv_valid_len.view(-1, 1, 1, 1))
+        allowed = key_padding_mask(kv_valid_len, key.shape[2])
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale), "sdpa"
     if query.is_cuda and _fa4_applies(query, 128):
         from .kernels.fa4 import dense_attention_fa4
@@ -122,6 +121,5 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
         return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
     allowed = token_mask(mask)
     if kv_valid_len is not None:
-        keys = torch.arange(key.shape[2], device=key.device)
-        allowed = allowed & (keys < kv_valid_len.view(-1, 1, 1, 1))
+        allowed = allowed & key_padding_mask(kv_valid_len, key.shape[2])
     return masked_attention(query, key, value, allowed, scale=scale).to(query.dtype)

@@ -22,8 +22,7 @@ import torch
 
 from .layout import VideoLayout
 from .mask import BlockSparseMask, num_blocks
-from .predictor import dense_block_range
-from .permutation import checkerboard_keep, token_order
+from .permutation import checkerboard_keep, dense_block_range, token_order
 
 SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
 PATTERN_NAMES = ("spatial", "temporal", "textural")

@@ -24,6 +24,7 @@ import torch
 
 from .backends import triton_available
 from .layout import VideoLayout
+from .mask import num_blocks
 
 ORDERS = ("raster", "window3d", "tile2d", "time_major", "checkerboard")
 WINDOWS = {"window3d": (2, 8, 8), "tile2d": (1, 8, 8)}
@@ -41,6 +42,14 @@ class TokenOrder:
     inverse: torch.Tensor
     num_dense: int
     num_dense_tail: int = 0
+
+
+def dense_block_range(n: int, num_dense: int, num_dense_tail: int, block_size: int) -> tuple[int, int]:
+    """(head, tail_start): blocks [0, head) and [tail_start, blocks) hold dense-region tokens."""
+    blocks = num_blocks(n, block_size)
+    head = num_blocks(num_dense, block_size)
+    tail_start = (n - num_dense_tail) // block_size if num_dense_tail else blocks
+    return head, max(head, tail_start)
 
 
 def checkerboard_keep(height: int, width: int, tau: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from .config import RainFusion2Config
 from .mask import BlockSparseMask, num_blocks
+from .permutation import dense_block_range
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -34,14 +35,6 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def keep_count(kv_blocks: int, sparsity: float) -> int:
     """Top-N budget per query block: ceil(kv_blocks * (1 - sparsity)), at least 1."""
     return max(1, math.ceil(kv_blocks * (1.0 - sparsity) - 1e-9))
-
-
-def dense_block_range(n: int, num_dense: int, num_dense_tail: int, block_size: int) -> tuple[int, int]:
-    """(head, tail_start): blocks [0, head) and [tail_start, blocks) hold dense-region tokens."""
-    blocks = num_blocks(n, block_size)
-    head = num_blocks(num_dense, block_size)
-    tail_start = (n - num_dense_tail) // block_size if num_dense_tail else blocks
-    return head, max(head, tail_start)
 
 
 def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int, num_dense_tail: int = 0,

@@ -19,6 +19,12 @@ def token_mask(mask: BlockSparseMask) -> torch.Tensor:
     return expanded[:, :, : mask.q_len, : mask.kv_len]
 
 
+def key_padding_mask(kv_valid_len: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """bool [B, 1, 1, kv_len]: True for the keys before ``kv_valid_len[b]`` (int [B])."""
+    keys = torch.arange(kv_len, device=kv_valid_len.device)
+    return keys < kv_valid_len.view(-1, 1, 1, 1)
+
+
 def masked_attention(
     query: torch.Tensor,
     key: torch.Tensor,
