@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep] [extra args for benchmarks/attention.py]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest] [extra args for the script or pytest]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -29,5 +29,8 @@ if [ "$what" = sweep ]; then
   (cd benchmarks && timeout 400 python3 kernel_sweep.py 2>&1 | grep -v Warning | tail -40)
 fi
 if [ "$what" = model ]; then
-  (cd benchmarks && timeout 400 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -12)
+  (cd benchmarks && timeout 560 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -40)
+fi
+if [ "$what" = pytest ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
 fi

@@ -1,7 +1,13 @@
-"""One denoising step of a real diffusers transformer (real config, random weights) on a GPU:
-dense (SDPA cuDNN) vs RainFusion v1 (0.5) and v2 (0.8, 0.9), sparse steps (no warm-up).
+"""One denoising step of a real diffusers transformer (real config, random weights) on a GPU.
 
-    python benchmarks/model_step.py --model wan-1.3b-480p [--layers N] [--out results.json]
+Per model: the dense step on the fastest SDPA backend that takes the model's attention call
+(cuDNN, else flash, else memory-efficient: HunyuanVideo passes a text-padding mask), the same step
+with attention replaced by a no-op (for the attention share), a dense step through rainfusion
+(what its warm-up steps run: FA4 dense or our kernel), and sparse steps of RainFusion v1 (0.5)
+and v2 (0.8, 0.9). The whole-schedule speed-up assumes 50 steps with each method's default
+warm-up (dense steps first). Speed does not depend on the weight values.
+
+    python benchmarks/model_step.py --models wan-1.3b-480p hunyuan-720p [--layers N] [--out results.json]
 """
 
 from __future__ import annotations
@@ -9,60 +15,163 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from attention import time_ms
 from rainfusion import RainFusion2Config, RainFusionConfig, apply_rainfusion, remove_rainfusion
+from rainfusion.backends import dense_attention
+from rainfusion.integrations.diffusers import hooks
+from rainfusion.integrations.diffusers.geometry import geometry_of
 
+STEPS = 50
+DEVICE = "cuda"
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
 MODELS = {
     # Wan2.1-T2V-1.3B: 480p, 81 frames -> latents 21 x 60 x 104, 32,760 tokens after 1x2x2 patches
-    "wan-1.3b-480p": dict(config=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                      in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                      num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                      eps=1e-6),
-                          latents=(1, 16, 21, 60, 104), text=(1, 512, 4096)),
+    "wan-1.3b-480p": dict(cls="WanTransformer3DModel", config=WAN_1_3B, latents=(1, 16, 21, 60, 104)),
+    # Wan2.1-T2V-14B: 720p, 81 frames -> latents 21 x 90 x 160, 75,600 tokens
+    "wan-14b-720p": dict(cls="WanTransformer3DModel", latents=(1, 16, 21, 90, 160),
+                         config=dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)),
+    # HunyuanVideo: 720p, 129 frames -> latents 33 x 90 x 160, 118,800 video + 256 text tokens
+    # (the prompt fills 128 of them; the rest is padding the model masks out)
+    "hunyuan-720p": dict(cls="HunyuanVideoTransformer3DModel", latents=(1, 16, 33, 90, 160),
+                         config=dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                                     num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
+                                     patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                                     text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+                                     rope_axes_dim=(16, 56, 56))),
 }
 METHODS = {"v1-0.5": RainFusionConfig(), "v2-0.8": RainFusion2Config(), "v2-0.9": RainFusion2Config(sparsity=0.9)}
+DENSE_BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                  ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+
+
+class _NoAttention(TorchFunctionMode):
+    """Replaces scaled_dot_product_attention by returning the query (same shape): the step
+    without its attention."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return args[0] if args else kwargs["query"]
+        return func(*args, **(kwargs or {}))
+
+
+def build(name: str, layers: int | None):
+    """(model, call) for one preset: bf16 weights made on the GPU, call() runs one step."""
+    import diffusers
+
+    spec = MODELS[name]
+    config = dict(spec["config"])
+    if layers:  # HunyuanVideo keeps its 1:2 ratio of double- to single-stream blocks
+        config["num_layers"] = layers
+        if "num_single_layers" in config:
+            config["num_single_layers"] = 2 * layers
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = getattr(diffusers, spec["cls"])(**config).eval()
+    torch.set_default_dtype(default)
+    latents = torch.randn(spec["latents"], device=DEVICE, dtype=torch.bfloat16)
+    timestep = torch.tensor([500], device=DEVICE)
+    if spec["cls"] == "WanTransformer3DModel":
+        text = torch.randn(1, 512, 4096, device=DEVICE, dtype=torch.bfloat16)
+        args, kwargs = (latents, timestep, text), {}
+    else:
+        text = torch.randn(1, 256, 4096, device=DEVICE, dtype=torch.bfloat16)
+        text_mask = (torch.arange(256, device=DEVICE) < 128).long()[None]
+        pooled = torch.randn(1, 768, device=DEVICE, dtype=torch.bfloat16)
+        args = (latents, timestep, text, text_mask, pooled)
+        kwargs = dict(guidance=torch.tensor([6000.0], device=DEVICE, dtype=torch.bfloat16))
+
+    def call():
+        with torch.no_grad():
+            return model(*args, **kwargs, return_dict=False)[0]
+
+    return model, call, config
+
+
+def bench_model(name: str, layers: int | None) -> dict:
+    import diffusers
+
+    model, call, config = build(name, layers)
+    n_attention = len(geometry_of(model).self_attention(model))
+    timing = dict(budget_ms=6000, min_runs=2)
+    rows = []
+    for backend_name, backend in DENSE_BACKENDS:  # the fastest SDPA kernel that takes the call
+        try:
+            with sdpa_kernel(backend):
+                call()
+        except RuntimeError as error:
+            print(f"{name}: SDPA {backend_name} does not take the call ({str(error)[:80]})")
+            continue
+        with sdpa_kernel(backend):
+            rows.append(dict(method="dense", backend=f"sdpa-{backend_name}", ms=time_ms(call, **timing)))
+        break
+    if not rows:
+        raise RuntimeError(f"no SDPA backend runs {name}")
+    with sdpa_kernel(backend), _NoAttention():
+        rows.append(dict(method="no-attention", ms=time_ms(call, **timing)))
+    used = set()  # which kernels rainfusion's dense path picks
+
+    def recording(*args, **kwargs):
+        out, backend_used = dense_attention(*args, **kwargs)
+        used.add(backend_used)
+        return out, backend_used
+
+    hooks.dense_attention = recording
+    apply_rainfusion(model, RainFusion2Config(), skip_layers=tuple(range(n_attention)))
+    ms = time_ms(call, **timing)
+    rows.append(dict(method="dense-rainfusion", backend="+".join(sorted(used)), ms=ms))
+    remove_rainfusion(model)
+    hooks.dense_attention = dense_attention
+    for method, method_config in METHODS.items():
+        controller = apply_rainfusion(model, method_config)
+        ms = time_ms(call, **timing)
+        last = controller.history[-n_attention:]
+        rows.append(dict(method=method, ms=ms, backend=last[-1][-1].backend,
+                         density=sum(float(stats.mean_density) for *_, stats in last) / len(last),
+                         warmup_steps=math.ceil(method_config.warmup_fraction * STEPS - 1e-9)))
+        remove_rainfusion(model)
+    dense, no_attention, warm = (r["ms"] for r in rows[:3])
+    for r in rows[3:]:
+        w = r["warmup_steps"]
+        r["step_speedup"] = dense / r["ms"]
+        r["schedule_speedup"] = STEPS * dense / (w * warm + (STEPS - w) * r["ms"])
+    del model
+    torch.cuda.empty_cache()
+    return dict(model=name, layers={k: v for k, v in config.items() if k.endswith("layers")},
+                attention_share=1 - no_attention / dense, diffusers=diffusers.__version__, rows=rows)
 
 
 def main() -> None:
-    import diffusers
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="wan-1.3b-480p", choices=sorted(MODELS))
-    parser.add_argument("--layers", type=int, help="fewer layers than the real model (memory)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["wan-1.3b-480p"], choices=sorted(MODELS))
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="per model: double-stream (or Wan) blocks, fewer than the real model (time or memory)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    spec = MODELS[args.model]
-    config = dict(spec["config"], **({"num_layers": args.layers} if args.layers else {}))
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**config).to("cuda", torch.bfloat16).eval()
-    latents = torch.randn(spec["latents"], device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(spec["text"], device="cuda", dtype=torch.bfloat16)
-    timestep = torch.tensor([500], device="cuda")
-
-    def step():
-        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return model(latents, timestep, text, return_dict=False)[0]
-
-    rows = [dict(method="dense-cudnn", ms=time_ms(step, budget_ms=4000))]
-    for name, method in METHODS.items():
-        controller = apply_rainfusion(model, method)
-        rows.append(dict(method=name, ms=time_ms(step, budget_ms=4000),
-                         density=sum(s.mean_density for *_, s in controller.history[-config["num_layers"]:])
-                         / config["num_layers"], backend=controller.history[-1][-1].backend))
-        remove_rainfusion(model)
-    report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), model=args.model,
-                  layers=config["num_layers"], diffusers=diffusers.__version__, rows=rows)
+    layers = args.layers or [None] * len(args.models)
+    results = [bench_model(name, n or None) for name, n in zip(args.models, layers)]
+    report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  steps=STEPS, models=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    print(report["card"], report["date"], args.model, f"{config['num_layers']} layers")
-    for r in rows:
-        print(f"{r['method']:<12} {r['ms']:>9.1f} ms  {rows[0]['ms'] / r['ms']:.2f}x  "
-              f"density {r.get('density', 1.0):.3f}  {r.get('backend', 'sdpa')}")
+    print(report["card"], report["date"])
+    for result in results:
+        print(f"{result['model']} {result['layers']}: attention {100 * result['attention_share']:.0f}% of the dense step")
+        for r in result["rows"]:
+            extra = (f"  step {r['step_speedup']:.2f}x  schedule {r['schedule_speedup']:.2f}x "
+                     f"(warm-up {r['warmup_steps']})  density {r['density']:.3f}" if "step_speedup" in r else "")
+            print(f"  {r['method']:<16} {r['ms']:>9.1f} ms  {r.get('backend', ''):<14}{extra}")
 
 
 if __name__ == "__main__":

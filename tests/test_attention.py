@@ -185,6 +185,21 @@ def test_sparse_attention_compiles_on_gpu():
     assert relative_l2(compiled(q, k, v), eager) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_steps_with_padded_keys_run_on_the_triton_kernel(dtype):
+    from rainfusion.backends import dense_attention
+
+    layout = VideoLayout(3, 30, 44, text_len=100, text_position="after")  # 4060 tokens: a tail block
+    q, k, v = (t.cuda() for t in qkv(layout, b=2, h=3, d=128, seed=13, dtype=dtype))
+    n = layout.num_tokens
+    valid = torch.tensor([n - 70, n - 3], device="cuda", dtype=torch.int32)
+    out, backend = dense_attention(q, k, v, 128**-0.5, valid)
+    allowed = torch.arange(n, device="cuda") < valid.view(-1, 1, 1, 1)
+    ref = masked_attention(q, k, v, allowed)
+    assert backend == "triton" and relative_l2(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("config", [RainFusion2Config(block_size=64), RainFusionConfig(block_size=64, alpha=0.6)])
 def test_text_rows_and_columns_are_dense_wherever_the_text_sits(config):
     for layout in LAYOUTS[1:]:

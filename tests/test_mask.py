@@ -82,3 +82,16 @@ def test_full_rows_ignore_whatever_their_table_holds():
     mask = BlockSparseMask(counts, indices, q_len=256, kv_len=512, block_size=128)
     assert mask.to_dense()[0, 0].tolist() == [[True] * 4, [False, False, True, False]]
     assert mask.full_indices()[0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("q_len,kv_len,block_size", [(300, 300, 64), (257, 129, 128)])
+def test_full_mask_keeps_every_block_and_stores_no_indices(q_len, kv_len, block_size):
+    mask = BlockSparseMask.full(q_len, kv_len, block_size=block_size)
+    assert mask.indices.numel() == 0
+    assert mask.to_dense().all() and mask.to_dense().shape == (1, 1, -(-q_len // block_size), -(-kv_len // block_size))
+    g = torch.Generator().manual_seed(q_len)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for n in (q_len, kv_len, kv_len))
+    from rainfusion import block_sparse_attention
+
+    out = block_sparse_attention(q, k, v, mask.expand(2, 3), backend="portable")
+    assert relative_l2(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5

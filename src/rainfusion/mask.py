@@ -111,6 +111,15 @@ class BlockSparseMask:
         indices = order[..., :width].to(torch.int32).contiguous()
         return cls(counts, indices, q_len, kv_len, block_size)
 
+    @classmethod
+    def full(cls, q_len: int, kv_len: int, *, block_size: int = 128,
+             device: torch.device | str = "cpu") -> "BlockSparseMask":
+        """Every key block for every query block (dense attention), for one batch item and head
+        (broadcast over both); stores no index entries."""
+        q_blocks = num_blocks(q_len, check_block_size(block_size))
+        counts = torch.full((1, 1, q_blocks), num_blocks(kv_len, block_size), dtype=torch.int32, device=device)
+        return cls(counts, counts.new_empty(1, 1, q_blocks, 0), q_len, kv_len, block_size)
+
     def to_dense(self) -> torch.Tensor:
         """bool [B, H, q_blocks, kv_blocks]."""
         b, h, qb, kb = self.shape

@@ -12,6 +12,51 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_start(it, index_row, stride_iw, is_full, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key position of tile ``it`` of a mask row (BLOCK_M // BLOCK_N tiles per listed block)."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
+    slot = it // TILES_PER_BLOCK
+    # full rows read no table entry (the table may be narrower than kv_blocks)
+    listed = tl.load(index_row + slot * stride_iw, mask=is_full == 0, other=0)
+    kv_block = tl.where(is_full, slot, listed)
+    return kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N
+
+
+@triton.jit
+def _load_tile(base, desc, stride_n, start, kv_end,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK_N) of K or V: [BLOCK_N, BLOCK_D]. ``base`` already points at
+    column offsets; with TMA, rows past the tensor's end are zero-filled."""
+    if USE_TMA:
+        return desc.load([start, 0])
+    offs_n = start + tl.arange(0, BLOCK_N)
+    d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
+    ptrs = base + offs_n.to(tl.int64)[:, None] * stride_n
+    if MASK_KEYS:
+        return tl.load(ptrs, mask=(offs_n < kv_end)[:, None] & d_ok, other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_ok, other=0.0)
+
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, s, v, start, kv_end, qk_scale_log2,
+                    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """One online-softmax step: scores s [BLOCK_Q, BLOCK_N] of keys from ``start``, values v."""
+    if MASK_KEYS:
+        s = tl.where((start + tl.arange(0, BLOCK_N) < kv_end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+    # rows that have seen no key yet keep m = -inf: subtract 0 instead to avoid inf - inf
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale_log2 - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_tiles(
     acc, l_i, m_i, q,
     k_base, v_base, k_desc, v_desc, index_row, stride_kn, stride_vn, stride_iw,
@@ -20,43 +65,12 @@ def _attend_tiles(
     MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over tiles [first_tile, end_tile) of the row."""
-    TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
     for it in range(first_tile, end_tile):
-        slot = it // TILES_PER_BLOCK
-        # full rows read no table entry (the table may be narrower than kv_blocks)
-        listed = tl.load(index_row + slot * stride_iw, mask=is_full == 0, other=0)
-        kv_block = tl.where(is_full, slot, listed)
-        offs_n = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_offs = offs_n.to(tl.int64)[:, None]
-        if USE_TMA:  # bulk tensor copies; rows past the end are zero-filled
-            first_row = kv_block * BLOCK_M + (it % TILES_PER_BLOCK) * BLOCK_N
-            k = k_desc.load([first_row, 0])
-            v = v_desc.load([first_row, 0])
-            if MASK_KEYS:
-                n_ok = offs_n < kv_end
-        elif MASK_KEYS:
-            n_ok = offs_n < kv_end
-            k = tl.load(k_base + kv_offs * stride_kn, mask=n_ok[:, None] & d_ok, other=0.0)
-            v = tl.load(v_base + kv_offs * stride_vn, mask=n_ok[:, None] & d_ok, other=0.0)
-        elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_base + kv_offs * stride_kn)
-            v = tl.load(v_base + kv_offs * stride_vn)
-        else:
-            k = tl.load(k_base + kv_offs * stride_kn, mask=d_ok, other=0.0)
-            v = tl.load(v_base + kv_offs * stride_vn, mask=d_ok, other=0.0)
+        start = _tile_start(it, index_row, stride_iw, is_full, BLOCK_M, BLOCK_N)
+        k = _load_tile(k_base, k_desc, stride_kn, start, kv_end, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KEYS, USE_TMA)
+        v = _load_tile(v_base, v_desc, stride_vn, start, kv_end, HEAD_DIM, BLOCK_D, BLOCK_N, MASK_KEYS, USE_TMA)
         s = tl.dot(q, tl.trans(k))
-        if MASK_KEYS:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
-        # rows that have seen no key yet keep m = -inf: subtract 0 instead to avoid inf - inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale_log2 - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, start, kv_end, qk_scale_log2, BLOCK_N, MASK_KEYS)
     return acc, l_i, m_i
 
 
@@ -77,7 +91,8 @@ def block_sparse_fwd_kernel(
     # compile-time
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two
-    BLOCK_M: tl.constexpr,  # query block = mask block size
+    BLOCK_M: tl.constexpr,  # mask block size (query and key blocks)
+    BLOCK_Q: tl.constexpr,  # query rows per program; divides BLOCK_M
     BLOCK_N: tl.constexpr,  # key tile; divides BLOCK_M
     HAS_KV_VALID: tl.constexpr,
     RETURN_LSE: tl.constexpr,
@@ -85,15 +100,15 @@ def block_sparse_fwd_kernel(
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] (any strides); lse float32 [B, H, Nq];
     counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B].
-    Grid: (q_blocks, B * H)."""
+    Grid: (cdiv(Nq, BLOCK_Q), B * H)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
-    row = tl.program_id(0)
+    q_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
-    row64 = row.to(tl.int64)
+    row64 = (q_tile // (BLOCK_M // BLOCK_Q)).to(tl.int64)  # the mask row of this query tile
 
-    offs_m = row * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < q_len
@@ -118,9 +133,9 @@ def block_sparse_fwd_kernel(
     if HAS_KV_VALID:
         kv_end = tl.minimum(kv_end, tl.load(kv_valid_ptr + b))
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     end_tile = count * TILES_PER_BLOCK
     last_block = tl.maximum(end_tile - TILES_PER_BLOCK, 0)
     # with per-item valid lengths any block may be cut: mask every tile

@@ -24,14 +24,14 @@ HEAD_DIMS = (64, 96, 128)
 DTYPES = (torch.bfloat16, torch.float16)
 INTERPRETER_DTYPES = DTYPES + (torch.float32,)
 
-# (BLOCK_M, BLOCK_D) -> (BLOCK_N, num_warps, num_stages), bf16/fp16. BLOCK_M 128 rows chosen by
-# benchmarks/kernel_sweep.py on an H100 (2026-11-25, see benchmarks/NOTES.md); BLOCK_M 64 rows
-# compiled for sm_90 without spills, not timed.
+# (mask block, BLOCK_D) -> (BLOCK_Q query rows per program, BLOCK_N, num_warps, num_stages, maxnreg),
+# bf16/fp16. 128-token blocks chosen by benchmarks/kernel_sweep.py on an H100 (see benchmarks/NOTES.md);
+# 64-token blocks compiled for sm_90 without spills, not timed.
 _CONFIGS = {
-    (128, 64): (64, 8, 3),
-    (128, 128): (128, 8, 3),
-    (64, 64): (64, 4, 3),
-    (64, 128): (64, 4, 2),
+    (128, 64): (128, 128, 8, 2, 128),
+    (128, 128): (128, 64, 8, 2, 128),
+    (64, 64): (64, 64, 4, 3, None),
+    (64, 128): (64, 64, 4, 2, None),
 }
 
 
@@ -89,18 +89,18 @@ def _block_sparse_attention_op(
     out = empty_like_layout(query)
     lse = _empty_lse(query, return_lse)
     block_d = triton.next_power_of_2(d)
-    block_n, num_warps, num_stages = _CONFIGS[(block_size, block_d)]
+    block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
-    grid = (num_blocks(q_len, block_size), b * h)
+    grid = (num_blocks(q_len, block_q), b * h)
     _block_sparse_fwd.block_sparse_fwd_kernel[grid](
         query, key, value, out, lse if return_lse else None, counts, indices, kv_valid,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *lse_strides,
         *counts.stride(), *indices.stride(),
         h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_size, BLOCK_N=block_n,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_KV_VALID=kv_valid_len is not None, RETURN_LSE=return_lse, USE_TMA=_use_tma(query, key, value),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out, lse
 
