@@ -106,11 +106,11 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
     config = RainFusion2Config()
     order = token_order(layout, config.permutation, device="cuda")
     permuted = [gather_tokens(t, order.index) for t in (q, k, v)]
-    mask = predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense, config=config, scale=scale)
+    predict = dict(num_dense=order.num_dense, num_dense_tail=order.num_dense_tail, config=config, scale=scale)
+    mask = predict_block_mask(permuted[0], permuted[1], **predict)
     v2_density = float(mask.density().mean())
     add("v2-permute", v2_density, time_ms(lambda: [gather_tokens(t, order.index) for t in (q, k, v)]))
-    add("v2-predict", v2_density, time_ms(lambda: predict_block_mask(
-        permuted[0], permuted[1], num_dense=order.num_dense, config=config, scale=scale)))
+    add("v2-predict", v2_density, time_ms(lambda: predict_block_mask(permuted[0], permuted[1], **predict)))
     add("v2-attention", v2_density, time_ms(lambda: block_sparse_attention(*permuted, mask)))
     add("v2-unpermute", v2_density, time_ms(lambda: gather_tokens(permuted[0], order.inverse)))
     add("v2-end-to-end", v2_density, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config)))

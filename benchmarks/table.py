@@ -1,4 +1,5 @@
-"""Markdown tables from a benchmarks/attention.py JSON: python benchmarks/table.py RESULTS.json"""
+"""Markdown tables from a benchmarks/attention.py or benchmarks/model_step.py JSON:
+python benchmarks/table.py RESULTS.json"""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def tables(report: dict) -> str:
     return "\n".join(out)
 
 
+def model_tables(report: dict) -> str:
+    out = [f"{report['card']}, {report['date']}, torch {report['torch']}, bfloat16, random weights; whole "
+           f"schedule = {report['steps']} steps with each method's default dense warm-up.", ""]
+    for result in report["models"]:
+        rows = result["rows"]
+        layers = ", ".join(f"{k} {v}" for k, v in result["layers"].items())
+        out += [f"### {result['model']} ({layers}; diffusers {result['diffusers']})", "",
+                f"Attention is {100 * result['attention_share']:.0f}% of the dense step.", "",
+                "| step | kernel | ms | step speed-up | schedule speed-up (warm-up steps) | mean density |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            speedups = (f"{r['step_speedup']:.2f}x | {r['schedule_speedup']:.2f}x ({r['warmup_steps']})"
+                        if "step_speedup" in r else f"{rows[0]['ms'] / r['ms']:.2f}x | -")
+            density = f"{r['density']:.3f}" if "density" in r else "-"
+            out.append(f"| {r['method']} | {r.get('backend', '-')} | {r['ms']:.1f} | {speedups} | {density} |")
+        out.append("")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        print(tables(json.load(f)))
+        results = json.load(f)
+    print(model_tables(results) if "models" in results else tables(results))
