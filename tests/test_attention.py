@@ -198,6 +198,9 @@ def test_dense_steps_with_padded_keys_run_on_the_triton_kernel(dtype):
     allowed = torch.arange(n, device="cuda") < valid.view(-1, 1, 1, 1)
     ref = masked_attention(q, k, v, allowed)
     assert backend == "triton" and relative_l2(out, ref) < 1e-2
+    # without padding: FA4 where installed, else SDPA with cuDNN first
+    out, backend = dense_attention(q, k, v, 128**-0.5)
+    assert backend in ("fa4", "sdpa") and relative_l2(out, masked_attention(q, k, v)) < 1e-2
 
 
 @pytest.mark.parametrize("config", [RainFusion2Config(block_size=64), RainFusionConfig(block_size=64, alpha=0.6)])

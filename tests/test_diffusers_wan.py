@@ -9,6 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 from rainfusion import RainFusion2Config, RainFusionConfig, VideoLayout  # noqa: E402
 from rainfusion.integrations.diffusers import apply_rainfusion, remove_rainfusion  # noqa: E402
 from rainfusion.reference import relative_l2  # noqa: E402
+from tiny_pipelines import build_tiny_wan_pipeline, needs_pipeline  # noqa: E402
 
 
 def tiny_wan(seed: int = 0) -> torch.nn.Module:
@@ -123,3 +124,71 @@ def test_errors_for_unsupported_models_and_bad_arguments():
     remove_rainfusion(model)
     with pytest.raises(ValueError, match="not applied"):
         remove_rainfusion(model)
+
+
+@needs_pipeline
+def test_wan22_pipeline_with_two_transformers_shares_one_step_count():
+    """Wan2.2 A14B: the high-noise steps run ``transformer``, the rest ``transformer_2``. Both get
+    rainfusion from one apply on the pipeline; the warm-up counts the generation's steps, not each
+    transformer's; sparsity 0 reproduces the dense pipeline; remove restores both."""
+    pipe = build_tiny_wan_pipeline(seed=4, boundary_ratio=0.7)
+    which = []
+    hooks = [t.register_forward_pre_hook(lambda m, a, k, i=i: which.append(i), with_kwargs=True)
+             for i, t in enumerate((pipe.transformer, pipe.transformer_2))]
+
+    def run():
+        return pipe(prompt="a red car", num_frames=9, height=128, width=128, num_inference_steps=4,
+                    guidance_scale=1.0, guidance_scale_2=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    dense = run()
+    assert which == [0, 0, 1, 1]  # timesteps 1000, 858 on transformer; 602, 9 on transformer_2
+    processors = [m.processor for t in (pipe.transformer, pipe.transformer_2) for m in (b.attn1 for b in t.blocks)]
+    controller = apply_rainfusion(pipe, RainFusion2Config(sparsity=0.0, block_size=64, warmup_fraction=0.25))
+    sparse = run()
+    assert relative_l2(sparse, dense) < 2e-3  # 6e-4 measured: float32 sums in another order, over 4 steps
+    assert controller.num_steps == 4
+    # one dense warm-up step for the whole generation (not one per transformer)
+    assert sorted({step for step, *_, stats in controller.history if stats.dense}) == [0]
+    # steps 0-1 on transformer's layers 0-1; steps 2-3 on transformer_2's, numbered after them
+    assert sorted({(step, layer) for step, _cfg, layer, _stats in controller.history}) == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (2, 3), (3, 2), (3, 3)]
+    remove_rainfusion(pipe)
+    assert [m.processor for t in (pipe.transformer, pipe.transformer_2) for m in (b.attn1 for b in t.blocks)] == processors
+    assert not hasattr(pipe.transformer_2, "_rainfusion_controller")
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("per_token_timesteps", [False, True])
+def test_wan_i2v_and_per_token_timesteps(per_token_timesteps):
+    """Wan2.1 I2V (image tokens reach the cross-attention through added K/V projections; the
+    self-attention stays video-only) and Wan2.2 TI2V's per-token timesteps (0 on the conditioning
+    frame: the step is read from the largest)."""
+    torch.manual_seed(2)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=8, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64, image_dim=24,
+        added_kv_proj_dim=128,
+    ).eval()
+    g = torch.Generator().manual_seed(5)
+    latents, text, image = torch.randn(1, 8, 5, 32, 32, generator=g), torch.randn(1, 12, 32, generator=g), \
+        torch.randn(1, 7, 24, generator=g)
+    tokens = 5 * 16 * 16
+
+    def step(t):
+        timestep = torch.full((1, tokens), float(t)) if per_token_timesteps else torch.tensor([t])
+        if per_token_timesteps:
+            timestep[:, : 16 * 16] = 0.0  # the conditioning first frame
+        with torch.no_grad():
+            return model(latents, timestep, text, encoder_hidden_states_image=image, return_dict=False)[0]
+
+    dense = step(900)
+    config = RainFusion2Config(sparsity=0.0, block_size=64, warmup_fraction=0.25)  # 1 dense step of 4
+    controller = apply_rainfusion(model, config, num_steps=4)
+    assert relative_l2(step(900), dense) < 1e-5
+    for t in (700, 400):
+        step(t)
+    assert controller.step == 2 and controller.layout == VideoLayout(5, 16, 16)
+    assert [stats.dense for step_, *_, stats in controller.history if step_ == 0] == [True, True]  # warm-up
+    assert not any(stats.dense for step_, *_, stats in controller.history if step_ > 0)

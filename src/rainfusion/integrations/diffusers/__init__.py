@@ -11,70 +11,91 @@ from .hooks import RainFusionController, _InterceptingProcessor
 _ATTRIBUTE = "_rainfusion_controller"
 
 
-def _transformer_of(model_or_pipeline: object) -> tuple[torch.nn.Module, object | None]:
-    """(transformer, scheduler or None) of a transformer or a pipeline holding one."""
+def _transformers_of(model_or_pipeline: object) -> tuple[list[torch.nn.Module], object | None]:
+    """([transformer, transformer_2 if any], scheduler or None) of a transformer or a pipeline.
+    Wan2.2 A14B pipelines denoise their low-noise steps with a second transformer."""
     if isinstance(model_or_pipeline, torch.nn.Module):
-        return model_or_pipeline, None
+        return [model_or_pipeline], None
     transformer = getattr(model_or_pipeline, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(
             f"model_or_pipeline must be a diffusers transformer or a pipeline with a .transformer, got "
             f"{type(model_or_pipeline).__name__}"
         )
-    return transformer, getattr(model_or_pipeline, "scheduler", None)
+    second = getattr(model_or_pipeline, "transformer_2", None)
+    transformers = [transformer] + ([second] if isinstance(second, torch.nn.Module) else [])
+    return transformers, getattr(model_or_pipeline, "scheduler", None)
 
 
 def _timestep(args: tuple, kwargs: dict, position: int) -> float:
+    """The step's noise level: the largest entry (Wan2.2 TI2V passes per-token timesteps, 0 on the
+    conditioning frame)."""
     timestep = kwargs.get("timestep", args[position] if len(args) > position else None)
     if timestep is None:
         raise ValueError("the transformer was called without a timestep; rainfusion needs it to count steps")
-    return float(torch.as_tensor(timestep).flatten()[0])
+    return float(torch.as_tensor(timestep).max())
+
+
+def _before_forward(controller: RainFusionController, geometry):
+    """The forward pre-hook of one transformer: its layout and the step's timestep."""
+
+    def hook(module, args, kwargs):
+        controller.begin_forward(geometry.layout(module, args, kwargs),
+                                 _timestep(args, kwargs, geometry.timestep_position))
+
+    return hook
 
 
 def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps: int | None = None,
                      skip_layers: tuple[int, ...] = ()) -> RainFusionController:
-    """Turn sparse attention on for one transformer instance (or a pipeline's transformer).
+    """Turn sparse attention on for one transformer instance, or for a pipeline's transformer(s).
 
     config: RainFusionConfig (v1) or RainFusion2Config (v2); its warm-up fraction and refresh
         interval apply per generation. num_steps: denoising steps (read from the pipeline's
-        scheduler when a pipeline is given). skip_layers: self-attention layers kept dense.
-    Returns the controller, whose ``history`` holds (step, CFG pass, layer, stats) of the last
-    generation. Exactly reversible with ``remove_rainfusion``.
+        scheduler when a pipeline is given). skip_layers: self-attention layers kept dense (in
+        each transformer). A pipeline with a ``transformer_2`` (Wan2.2 A14B) gets both, with one
+        step count across them; in ``history`` the layers of ``transformer_2`` follow those of
+        ``transformer``. Returns the controller, whose ``history`` holds (step, CFG pass, layer,
+        stats) of the last generation. Exactly reversible with ``remove_rainfusion``.
     """
     if not isinstance(config, (RainFusionConfig, RainFusion2Config)):
         raise TypeError(f"config must be a RainFusionConfig or RainFusion2Config, got {type(config).__name__}")
-    transformer, scheduler = _transformer_of(model_or_pipeline)
-    geometry = geometry_of(transformer)
-    if getattr(transformer, _ATTRIBUTE, None) is not None:
+    transformers, scheduler = _transformers_of(model_or_pipeline)
+    geometries = [geometry_of(transformer) for transformer in transformers]
+    if any(getattr(transformer, _ATTRIBUTE, None) is not None for transformer in transformers):
         raise ValueError("rainfusion is already applied to this transformer; call remove_rainfusion first")
-    modules = geometry.self_attention(transformer)
-    bad = sorted(i for i in skip_layers if not 0 <= i < len(modules))
+    modules = [geometry.self_attention(transformer) for transformer, geometry in zip(transformers, geometries)]
+    fewest = min(len(layers) for layers in modules)
+    bad = sorted(i for i in skip_layers if not 0 <= i < fewest)
     if bad:
-        raise ValueError(f"skip_layers must be in [0, {len(modules)}), got {bad}")
-    controller = RainFusionController(transformer, config, num_steps, frozenset(skip_layers), scheduler)
-
-    def before_forward(module, args, kwargs):
-        controller.begin_forward(geometry.layout(module, args, kwargs),
-                                 _timestep(args, kwargs, geometry.timestep_position))
-
-    controller._hook = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
-    for layer, module in enumerate(modules):
-        controller._originals.append((module, module.processor))
-        module.processor = _InterceptingProcessor(module.processor, controller, layer)
-    setattr(transformer, _ATTRIBUTE, controller)
+        raise ValueError(f"skip_layers must be in [0, {fewest}), got {bad}")
+    controller = RainFusionController(transformers, config, num_steps, frozenset(skip_layers), scheduler)
+    first_layer = 0
+    for transformer, geometry, layers in zip(transformers, geometries, modules):
+        controller._hooks.append(transformer.register_forward_pre_hook(_before_forward(controller, geometry),
+                                                                        with_kwargs=True))
+        for layer, module in enumerate(layers):
+            controller._originals.append((module, module.processor))
+            module.processor = _InterceptingProcessor(module.processor, controller, first_layer + layer,
+                                                      dense=layer in skip_layers)
+        first_layer += len(layers)
+        setattr(transformer, _ATTRIBUTE, controller)
     return controller
 
 
 def remove_rainfusion(model_or_pipeline: object) -> None:
-    """Undo ``apply_rainfusion``: the original processors and no hook."""
-    transformer, _ = _transformer_of(model_or_pipeline)
-    controller = getattr(transformer, _ATTRIBUTE, None)
+    """Undo ``apply_rainfusion``: the original processors and no hooks, on every transformer it
+    was applied to."""
+    transformers, _ = _transformers_of(model_or_pipeline)
+    controller = getattr(transformers[0], _ATTRIBUTE, None)
     if controller is None:
         raise ValueError("rainfusion is not applied to this transformer")
-    controller._hook.remove()
+    for hook in controller._hooks:
+        hook.remove()
     for module, processor in controller._originals:
         module.processor = processor
-    delattr(transformer, _ATTRIBUTE)
+    for transformer in controller.models:
+        delattr(transformer, _ATTRIBUTE)
 
 
 __all__ = ["GEOMETRIES", "RainFusionController", "apply_rainfusion", "remove_rainfusion"]

@@ -24,12 +24,13 @@ from ...state import AttentionState, AttentionStats
 class RainFusionController:
     """What one ``apply_rainfusion`` installed, and the run's context and statistics.
 
+    models: the transformers it was applied to (a pipeline's ``transformer`` and ``transformer_2``).
     num_steps: denoising steps of a generation (for the dense warm-up); read from the pipeline's
         scheduler when applied to a pipeline, else given by the user.
-    skip_layers: indices of self-attention layers that stay dense.
+    skip_layers: indices of self-attention layers that stay dense (in each transformer).
     """
 
-    model: torch.nn.Module
+    models: list[torch.nn.Module]
     config: AnyConfig
     num_steps: int | None
     skip_layers: frozenset[int]
@@ -42,7 +43,7 @@ class RainFusionController:
     _last_timestep: float | None = None
     _padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _originals: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
-    _hook: object | None = None
+    _hooks: list[object] = field(default_factory=list)
 
     def begin_forward(self, layout: VideoLayout, timestep: float) -> None:
         """Called before each transformer forward: a new timestep is a new step, a higher one
@@ -85,9 +86,9 @@ class RainFusionController:
 class _AttentionInterceptor(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` to rainfusion for one self-attention layer."""
 
-    def __init__(self, controller: RainFusionController, layer: int):
+    def __init__(self, controller: RainFusionController, layer: int, dense: bool):
         super().__init__()
-        self.controller, self.layer = controller, layer
+        self.controller, self.layer, self.dense = controller, layer, dense
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -104,7 +105,7 @@ class _AttentionInterceptor(TorchFunctionMode):
             log_once("rainfusion: an attention call with a general mask, causality or dropout runs dense (SDPA)")
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        if (c.layout is None or self.layer in c.skip_layers or query.shape[2] != c.layout.num_tokens
+        if (c.layout is None or self.dense or query.shape[2] != c.layout.num_tokens
                 or key.shape[2] != c.layout.num_tokens):
             return dense_attention(query, key, value, check_scale(scale, query.shape[-1]), kv_valid_len)[0]
         state = c.state_for(self.layer)
@@ -115,10 +116,11 @@ class _AttentionInterceptor(TorchFunctionMode):
 
 
 class _InterceptingProcessor:
-    """Wraps a module's attention processor: runs it with the interceptor active."""
+    """Wraps a module's attention processor: runs it with the interceptor active. ``layer``
+    numbers the layer across the controller's transformers; ``dense``: a skipped layer."""
 
-    def __init__(self, original: object, controller: RainFusionController, layer: int):
-        self.original, self.controller, self.layer = original, controller, layer
+    def __init__(self, original: object, controller: RainFusionController, layer: int, dense: bool = False):
+        self.original, self.controller, self.layer, self.dense = original, controller, layer, dense
         # diffusers drops the kwargs that inspect.signature(processor.__call__) lacks: show the original's
         self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
 
@@ -129,5 +131,5 @@ class _InterceptingProcessor:
         return self._run(*args, **kwargs)
 
     def _run(self, *args, **kwargs):
-        with _AttentionInterceptor(self.controller, self.layer):
+        with _AttentionInterceptor(self.controller, self.layer, self.dense):
             return self.original(*args, **kwargs)
