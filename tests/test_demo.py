@@ -1,0 +1,97 @@
+"""The demo model's pieces on CPU at tiny sizes: procedural videos, latents, checkpoint,
+training, sampling with rainfusion applied to its (real diffusers) transformer."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+from rainfusion import RainFusion2Config, apply_rainfusion, remove_rainfusion  # noqa: E402
+from rainfusion.demo.flow import sample, training_loss  # noqa: E402
+from rainfusion.demo.model import DemoVideoModel, from_latents, load_checkpoint, save_checkpoint, to_latents  # noqa: E402
+from rainfusion.demo.training import train  # noqa: E402
+from rainfusion.demo.videos import VOCAB, VideoSpec, caption_text, contact_sheet, sample_videos  # noqa: E402
+from rainfusion.reference import relative_l2  # noqa: E402
+
+TINY = dict(num_layers=2, ffn_dim=128, num_attention_heads=2, text_dim=32, freq_dim=32)
+
+
+def test_videos_are_reproducible_and_in_range():
+    spec = VideoSpec(frames=6, size=32)
+    a, captions = sample_videos(5, spec, torch.Generator().manual_seed(3))
+    b, again = sample_videos(5, spec, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(captions, again)
+    assert a.shape == (5, 3, 6, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert captions.shape == (5, spec.caption_length) and (captions[:, 1] != 0).all()  # an object in every clip
+    assert all(VOCAB[int(c)] in ("still", "pan-left", "pan-right", "pan-up", "pan-down") for c in captions[:, 0])
+    assert caption_text(captions[0]).count(";") == 1
+    assert contact_sheet(a, frames=3).shape == (5 * 32, 3 * 32, 3)
+
+
+@pytest.mark.parametrize("motion,axis,sign", [("right", 0, 1), ("left", 0, -1), ("down", 1, 1), ("up", 1, -1)])
+def test_an_object_moves_as_its_caption_says(motion, axis, sign):
+    spec = VideoSpec(frames=8, size=64, max_objects=1)
+    caption = torch.tensor([[VOCAB.index(w) for w in ("still", "disc", "white", motion)]])
+    from rainfusion.demo.videos import render
+
+    video = render(caption, spec, torch.Generator().manual_seed(0))
+    bright = (video.mean(1)[0] > 0.3).float()  # [T, S, S]: the white disc (the background is dark)
+    coords = torch.arange(64.0)
+    mass = bright.sum((1, 2))
+    centre = torch.stack([(bright.sum(1) * coords).sum(-1), (bright.sum(2) * coords).sum(-1)], -1) / mass[:, None]
+    assert (mass > 20).all()
+    assert sign * (centre[-1, axis] - centre[0, axis]) > 20  # pixels travelled along the caption's direction
+    assert (centre[-1, 1 - axis] - centre[0, 1 - axis]).abs() < 4
+
+
+def test_latents_round_trip_exactly():
+    videos = torch.rand(2, 3, 3, 16, 24) * 2 - 1
+    latents = to_latents(videos)
+    assert latents.shape == (2, 48, 3, 4, 6) and torch.equal(from_latents(latents), videos)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        to_latents(videos[..., :10])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    spec = VideoSpec(frames=2, size=16)
+    model = DemoVideoModel(spec, TINY).eval()
+    path = str(tmp_path / "demo.safetensors")
+    save_checkpoint(model, path, dtype=torch.float32)
+    again = load_checkpoint(path)
+    videos, captions = sample_videos(2, spec, torch.Generator().manual_seed(1))
+    latents, t = to_latents(videos), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        assert torch.equal(again(latents, t, captions), model(latents, t, captions))
+    assert again.spec == spec
+
+
+def test_training_lowers_the_loss_on_held_out_clips():
+    spec = VideoSpec(frames=2, size=16)
+    held_out = sample_videos(16, spec, torch.Generator().manual_seed(99))
+
+    def loss(model):
+        with torch.no_grad():
+            return float(training_loss(model, to_latents(held_out[0]), held_out[1], torch.Generator().manual_seed(5),
+                                       drop_caption=0.0))
+
+    torch.manual_seed(0)
+    untrained = DemoVideoModel(spec, TINY)
+    trained, log = train(spec, steps=60, batch=8, lr=2e-3, warmup=5, ema=0.9, device="cpu", log_every=20,
+                         transformer_config=TINY, init=untrained)
+    assert [row["step"] for row in log] == [20, 40, 60]
+    assert loss(trained) < 0.8 * loss(untrained)
+
+
+def test_sampling_with_rainfusion_at_sparsity_zero_matches_dense():
+    spec = VideoSpec(frames=4, size=64)  # 4 x 8 x 8 = 256 tokens: one 64-token block per frame
+    model = DemoVideoModel(spec, TINY).eval()
+    captions = sample_videos(2, spec, torch.Generator().manual_seed(2))[1]
+    dense = sample(model, captions, torch.Generator().manual_seed(4), steps=4)
+    controller = apply_rainfusion(model.transformer, RainFusion2Config(sparsity=0.0, block_size=64,
+                                                                       warmup_fraction=0.25), num_steps=4)
+    sparse = sample(model, captions, torch.Generator().manual_seed(4), steps=4)
+    remove_rainfusion(model.transformer)
+    assert relative_l2(sparse, dense) < 1e-4
+    assert sorted({step for step, *_ in controller.history}) == [0, 1, 2, 3]
+    assert [s.dense for step, *_, s in controller.history if step == 0] == [True, True]
+    assert not any(s.dense for step, *_, s in controller.history if step > 0)
