@@ -14,14 +14,15 @@ from .model import DemoVideoModel
 def training_loss(model: DemoVideoModel, latents: torch.Tensor, captions: torch.Tensor, generator: torch.Generator,
                   drop_caption: float = 0.1) -> torch.Tensor:
     """Mean squared velocity error at logit-normal noise levels; a fraction ``drop_caption`` of
-    the captions is emptied (all ``<none>``) so that the model also learns the unconditional flow."""
+    the captions is emptied (all ``<none>``) so that the model also learns the unconditional flow.
+    ``generator`` lives on the latents' device (noise is drawn where it is used)."""
     b = latents.shape[0]
     device = latents.device
-    sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    sigma = torch.sigmoid(torch.randn(b, generator=generator, device=device))
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     s = sigma.view(b, 1, 1, 1, 1).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
-    keep = (torch.rand(b, generator=generator) >= drop_caption).to(device)
+    keep = torch.rand(b, generator=generator, device=device) >= drop_caption
     captions = captions * keep[:, None]
     velocity = model(noisy, sigma * 1000, captions)
     return F.mse_loss(velocity.float(), (noise - latents).float())
@@ -36,14 +37,15 @@ def noise_levels(steps: int, shift: float = 3.0) -> torch.Tensor:
 @torch.no_grad()
 def sample(model: DemoVideoModel, captions: torch.Tensor, generator: torch.Generator, *, steps: int = 30,
            guidance: float = 3.0, shift: float = 3.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Latents [B, 48, T, S/4, S/4] for captions int64 [B, L] (on the model's device). The
-    conditional and unconditional passes go through the transformer as one batch of 2B."""
+    """Latents [B, 48, T, S/4, S/4] for captions int64 [B, L] (on the model's device; so is
+    ``generator``). The conditional and unconditional passes go through the transformer as one
+    batch of 2B."""
     spec = model.spec
     b = captions.shape[0]
     cells = spec.size // 4
     device = captions.device
-    x = torch.randn(b, model.transformer_config["in_channels"], spec.frames, cells, cells,
-                    generator=generator).to(device, dtype)
+    x = torch.randn(b, model.transformer_config["in_channels"], spec.frames, cells, cells, generator=generator,
+                    device=device, dtype=dtype)
     both = torch.cat([captions, torch.zeros_like(captions)])
     sigmas = noise_levels(steps, shift)
     for i in range(steps):

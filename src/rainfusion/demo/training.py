@@ -26,7 +26,8 @@ def train(spec: VideoSpec, *, steps: int, batch: int, lr: float = 3e-4, warmup: 
     """(EMA model, log rows). Cosine learning rate after a linear warm-up; stops after ``steps``
     steps or ``time_limit`` seconds, whichever comes first. ``init``: weights to start from."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # clips (drawn on the host, small)
+    noise_generator = torch.Generator(device).manual_seed(seed)  # noise, drawn on the device
     model = DemoVideoModel(spec, transformer_config)
     if init is not None:
         model.load_state_dict(init.state_dict())
@@ -40,7 +41,7 @@ def train(spec: VideoSpec, *, steps: int, batch: int, lr: float = 3e-4, warmup: 
     for step in range(steps):
         videos, captions = sample_videos(batch, spec, generator, device)
         with autocast:
-            loss = training_loss(model, to_latents(videos), captions, generator)
+            loss = training_loss(model, to_latents(videos), captions, noise_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,9 +87,8 @@ def main() -> None:
     if args.preview:
         from PIL import Image
 
-        generator = torch.Generator().manual_seed(args.seed + 1)
-        captions = sample_captions(4, spec, generator).to(args.device)
-        latents = sample(model, captions, generator, steps=30)
+        captions = sample_captions(4, spec, torch.Generator().manual_seed(args.seed + 1)).to(args.device)
+        latents = sample(model, captions, torch.Generator(args.device).manual_seed(args.seed + 1), steps=30)
         Image.fromarray(contact_sheet(from_latents(latents)).numpy()).save(args.preview)
         for row in captions:
             print(caption_text(row))
