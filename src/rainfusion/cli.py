@@ -1,4 +1,4 @@
-"""Command line: ``rainfusion bench`` and ``rainfusion generate``."""
+"""Command line: ``rainfusion bench``, ``rainfusion generate`` and ``rainfusion demo``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def _generate(args: argparse.Namespace) -> int:
     return main_generate(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import main_demo
+
+    return main_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark import METHODS, PRESETS
     from .generate import METHODS as GENERATE_METHODS
@@ -92,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="auto: bfloat16 on CUDA, float32 on CPU")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
     generate.set_defaults(run=_generate)
+
+    demo = commands.add_parser(
+        "demo", help="quality of RainFusion on the demo video model: PSNR / SSIM vs dense, density, time")
+    demo.add_argument("--checkpoint", help="demo model weights (default: the embedded model)")
+    demo.add_argument("--quick", action="store_true", help="fewer clips, steps and variants (CPU in minutes)")
+    demo.add_argument("--clips", type=int, help="caption/seed pairs (default: 16, 1 with --quick)")
+    demo.add_argument("--steps", type=int, help="sampling steps (default: 30, 8 with --quick)")
+    demo.add_argument("--block-size", type=int, default=128, choices=[64, 128], help="attention block")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo", help="folder for demo.json, demo.gif, demo-quality.png")
+    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                      help="auto: bfloat16 on CUDA, float32 on CPU")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -100,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, ImportError) as error:
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

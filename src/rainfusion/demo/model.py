@@ -18,7 +18,7 @@ from torch import nn
 from .videos import VOCAB, VideoSpec
 
 PIXELS_PER_CELL = 4  # space-to-depth factor along height and width
-# a few million parameters; 128-pixel clips of 32 frames give 32 x 16 x 16 = 8,192 tokens
+# a few million parameters; 128-pixel clips of 16 frames give 16 x 16 x 16 = 4,096 tokens (32 blocks)
 TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64,
                           in_channels=3 * PIXELS_PER_CELL**2, out_channels=3 * PIXELS_PER_CELL**2, text_dim=128,
                           freq_dim=64, ffn_dim=768, num_layers=6, cross_attn_norm=True,

@@ -33,7 +33,7 @@ _PAN = {"still": (0.0, 0.0), "pan-left": (-0.6, 0.0), "pan-right": (0.6, 0.0), "
 class VideoSpec:
     """Clip size: ``frames`` RGB frames of ``size`` x ``size`` pixels, up to ``max_objects`` objects."""
 
-    frames: int = 32
+    frames: int = 16
     size: int = 128
     max_objects: int = 2
 

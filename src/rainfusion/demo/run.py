@@ -1,0 +1,145 @@
+"""``rainfusion demo``: the demo model generates the same captions and seeds with dense attention
+and with RainFusion v1, RainFusion+ and RainFusion2.0 at several sparsities (and, without
+``--quick``, v2 ablations: no permutation, 8x8 tiles, no first-frame sink, top-p), then reports
+PSNR, SSIM and cosine similarity against the dense videos, realized density, v1 head patterns
+and time; writes the table as JSON, a side-by-side GIF and a quality-vs-density plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import AnyConfig, RainFusion2Config, RainFusionConfig
+from ..generate import psnr, ssim, summarize_history
+from .flow import sample
+from .model import from_latents, load_checkpoint
+from .videos import caption_text, sample_captions
+
+EMBEDDED = Path(__file__).parent / "weights" / "demo.safetensors"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config: AnyConfig | None  # None: dense
+
+
+def variants(quick: bool, block_size: int = 128) -> list[Variant]:
+    """The methods a demo run compares (dense first)."""
+    v2 = lambda **kw: RainFusion2Config(block_size=block_size, **kw)  # noqa: E731
+    chosen = [Variant("dense", None), Variant("rainfusion 0.5", RainFusionConfig(block_size=block_size)),
+              Variant("rainfusion2 0.8", v2())]
+    if quick:
+        return chosen
+    return chosen + [
+        Variant("rainfusion+", RainFusionConfig.rainfusion_plus(block_size=block_size)),
+        Variant("rainfusion2 0.6", v2(sparsity=0.6)),
+        Variant("rainfusion2 0.9", v2(sparsity=0.9)),
+        Variant("rainfusion2 0.8 no permutation", v2(permutation="none")),
+        Variant("rainfusion2 0.8 tile2d", v2(permutation="tile2d")),
+        Variant("rainfusion2 0.8 no sink", v2(sink_first_frame=False)),
+        Variant("rainfusion2 0.8 top-p 0.9", v2(selection="topp")),
+    ]
+
+
+def _frames(videos: torch.Tensor) -> torch.Tensor:
+    """[B, 3, T, S, S] in [-1, 1] -> [B, T, S, S, 3] in [0, 1] (what psnr / ssim take per clip)."""
+    return ((videos.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
+
+
+def run_demo(checkpoint: str | Path, *, variant_list: list[Variant], clips: int = 4, seed: int = 0, steps: int = 30,
+             device: str = "cpu", dtype: torch.dtype = torch.float32, log=print) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(report, videos per variant name as [clips, T, S, S, 3] in [0, 1]). The first variant is
+    the dense reference of the quality columns."""
+    from ..integrations.diffusers import apply_rainfusion, remove_rainfusion
+
+    model = load_checkpoint(str(checkpoint), device, dtype)
+    captions = sample_captions(clips, model.spec, torch.Generator().manual_seed(seed)).to(device)
+    rows, videos = [], {}
+    for variant in variant_list:
+        controller = None if variant.config is None else apply_rainfusion(model.transformer, variant.config,
+                                                                          num_steps=steps)
+        started = time.perf_counter()
+        latents = sample(model, captions, torch.Generator(device).manual_seed(seed), steps=steps, dtype=dtype)
+        if latents.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        history = controller.history if controller is not None else []
+        if controller is not None:
+            remove_rainfusion(model.transformer)
+        frames = videos[variant.name] = _frames(from_latents(latents))
+        reference = videos[variant_list[0].name]
+        summary = summarize_history(history)
+        cosine = torch.nn.functional.cosine_similarity(frames.flatten(1) - 0.5, reference.flatten(1) - 0.5).mean()
+        rows.append(dict(
+            variant=variant.name, seconds=round(seconds, 3),
+            psnr=sum(min(psnr(f, r), 99.0) for f, r in zip(frames, reference)) / clips,
+            ssim=sum(ssim(f, r) for f, r in zip(frames, reference)) / clips, cosine=float(cosine),
+            density=summary.mean_density, sparse_density=summary.sparse_density, patterns=summary.patterns))
+        log(format_row(rows[-1]))
+    report = dict(spec=vars(model.spec), clips=clips, seed=seed, steps=steps, device=device,
+                  captions=[caption_text(c) for c in captions.cpu()], rows=rows)
+    return report, videos
+
+
+HEADER = f"{'variant':<34} {'PSNR dB':>8} {'SSIM':>6} {'cosine':>7} {'density':>8} {'sparse':>7} {'s':>7}  patterns S/T/X"
+
+
+def format_row(r: dict) -> str:
+    patterns = "/".join(str(r["patterns"].get(p, 0)) for p in ("spatial", "temporal", "textural")) if r["patterns"] else "-"
+    sparse = f"{r['sparse_density']:.3f}" if r["sparse_density"] is not None else "-"
+    return (f"{r['variant']:<34} {r['psnr']:>8.2f} {r['ssim']:>6.3f} {r['cosine']:>7.4f} {r['density']:>8.3f} "
+            f"{sparse:>7} {r['seconds']:>7.1f}  {patterns}")
+
+
+def write_outputs(report: dict, videos: dict[str, torch.Tensor], out_dir: Path, fps: int = 8) -> list[Path]:
+    """demo.json, demo.gif (clips as rows, variants side by side: at most four) and, with
+    matplotlib, demo-quality.png (PSNR against realized density)."""
+    from ..generate import write_video
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "demo.json"]
+    written[0].write_text(json.dumps(report, indent=1))
+    shown = list(videos.values())[:4]
+    grid = torch.cat([torch.cat(list(v), dim=1) for v in shown], dim=2)  # [T, clips*S, variants*S, 3]
+    written.append(write_video(grid, out_dir / "demo.gif", fps)[0])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report["rows"][1:]:
+        ax.scatter(r["density"], r["psnr"], s=30)
+        ax.annotate(r["variant"], (r["density"], r["psnr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="realized density (all steps)", ylabel="PSNR vs dense (dB)", title="demo model: quality vs density")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "demo-quality.png", dpi=120)
+    plt.close(fig)
+    return written + [out_dir / "demo-quality.png"]
+
+
+def main_demo(args) -> int:
+    checkpoint = Path(args.checkpoint) if args.checkpoint else EMBEDDED
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"no demo checkpoint at {checkpoint}: pass --checkpoint PATH (train one with "
+            "`python -m rainfusion.demo.training --out PATH`)")
+    from ..cli import dtype_for
+
+    steps = args.steps or (8 if args.quick else 30)
+    clips = args.clips or (1 if args.quick else 16)
+    print(f"demo: {clips} clips, {steps} steps, {args.device}")
+    print(HEADER)
+    report, videos = run_demo(checkpoint, variant_list=variants(args.quick, args.block_size), clips=clips,
+                              seed=args.seed, steps=steps, device=args.device, dtype=dtype_for(args.dtype, args.device))
+    for path in write_outputs(report, videos, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
