@@ -101,3 +101,18 @@ def test_images_never_get_the_spatial_pattern():
     assert state.stats.mean_density < 0.8
     dense = F.scaled_dot_product_attention(data.query, data.key, data.value)
     assert relative_l2(out, dense) < 0.25  # measured 0.075-0.085 over seeds 0-2 (density 0.57)
+
+
+def test_without_the_textural_pattern_heads_take_the_better_band():
+    layout = LAYOUTS[0]
+    data = synthetic_attention(layout, batch=2, heads=6, head_dim=64, seed=7)
+    full = recognise_heads(data.query, data.key, layout, RainFusionConfig(), scale=0.125)
+    ablated = recognise_heads(data.query, data.key, layout, RainFusionConfig(textural=False), scale=0.125)
+    textural = full.pattern == PATTERN_NAMES.index("textural")
+    assert textural.any() and not (ablated.pattern == PATTERN_NAMES.index("textural")).any()
+    assert torch.equal(ablated.pattern[~textural], full.pattern[~textural])  # the others keep their verdict
+    spatial_better = full.global_recall[..., 0] > full.local_recall[..., 0]
+    expected = torch.where(spatial_better, PATTERN_NAMES.index("spatial"), PATTERN_NAMES.index("temporal"))
+    assert torch.equal(ablated.pattern[textural], expected[textural])
+    with pytest.raises(TypeError, match="textural must be a bool"):
+        RainFusionConfig(textural=1)

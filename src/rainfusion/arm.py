@@ -9,8 +9,9 @@ Two small token samples per step, for every batch item and head at once:
 
 Recall is the softmax mass (over the sampled keys) inside the band, averaged over the sampled
 queries. Rule: temporal if local recall >= alpha, else spatial if global recall >= alpha (and
-there is more than one frame to band over), else textural. RainFusion+ then takes, for the chosen band, the smallest candidate bandwidth whose
-recall reaches ``adaptive_recall``.
+there is more than one frame to band over), else textural (or, with ``textural=False``, the band
+with the higher recall). RainFusion+ then takes, for the chosen band, the smallest candidate
+bandwidth whose recall reaches ``adaptive_recall``.
 """
 
 from __future__ import annotations
@@ -114,12 +115,15 @@ def recognise_heads(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout,
     several_frames = layout.frames - int(config.sink_first_frame) > 1
     spatial = ~temporal & (global_recall[..., 0] >= config.alpha) & several_frames
     pattern = torch.full_like(temporal, TEXTURAL, dtype=torch.long)
+    if not config.textural:  # the better band for the heads that pass neither test
+        better_spatial = several_frames & (global_recall[..., 0] > local_recall[..., 0])
+        pattern = torch.where(better_spatial, SPATIAL, TEMPORAL)
     pattern = torch.where(spatial, SPATIAL, pattern)
     pattern = torch.where(temporal, TEMPORAL, pattern)
 
     fraction_index = torch.zeros_like(pattern)
     if config.adaptive_bandwidth:
-        recall = torch.where(temporal.unsqueeze(-1), local_recall, global_recall)[..., 1:]
+        recall = torch.where((pattern == TEMPORAL).unsqueeze(-1), local_recall, global_recall)[..., 1:]
         candidates = torch.tensor(fractions[1:], device=query.device)
         enough = recall >= config.adaptive_recall
         smallest = torch.where(enough, candidates, float("inf")).argmin(-1)

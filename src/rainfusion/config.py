@@ -45,6 +45,8 @@ class RainFusionConfig:
     warmup_fraction: leading fraction of denoising steps computed densely.
     sink_first_frame: first-frame rows and columns are always computed densely.
     refresh_interval: re-run the ARM every this many sparse steps (patterns cached in between).
+    textural: heads that are neither spatially nor temporally local keep the 1/tau checkerboard
+        subset of keys; with False (an ablation) they take whichever band has the higher recall.
     """
 
     sparsity: float = 0.5
@@ -58,9 +60,12 @@ class RainFusionConfig:
     warmup_fraction: float = 0.1
     sink_first_frame: bool = True
     refresh_interval: int = 1
+    textural: bool = True
 
     def __post_init__(self) -> None:
         _check_common(self)
+        if not isinstance(self.textural, bool):
+            raise TypeError(f"textural must be a bool, got {type(self.textural).__name__}")
         _check_fraction("alpha", self.alpha, low=0.0, high=1.0, high_open=False)
         _check_fraction("adaptive_recall", self.adaptive_recall, low=0.0, high=1.0, high_open=False)
         check_int("tau", self.tau, 1)

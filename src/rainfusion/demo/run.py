@@ -1,6 +1,7 @@
 """``rainfusion demo``: the demo model generates the same captions and seeds with dense attention
 and with RainFusion v1, RainFusion+ and RainFusion2.0 at several sparsities (and, without
-``--quick``, v2 ablations: no permutation, 8x8 tiles, no first-frame sink, top-p), then reports
+``--quick``, ablations: v1 without the textural pattern; v2 without permutation, with 8x8 tiles,
+without the first-frame sink, with top-p), then reports
 PSNR, SSIM and cosine similarity against the dense videos, realized density, v1 head patterns
 and time; writes the table as JSON, a side-by-side GIF and a quality-vs-density plot."""
 
@@ -37,6 +38,7 @@ def variants(quick: bool, block_size: int = 128) -> list[Variant]:
         return chosen
     return chosen + [
         Variant("rainfusion+", RainFusionConfig.rainfusion_plus(block_size=block_size)),
+        Variant("rainfusion 0.5 no textural", RainFusionConfig(block_size=block_size, textural=False)),
         Variant("rainfusion2 0.6", v2(sparsity=0.6)),
         Variant("rainfusion2 0.9", v2(sparsity=0.9)),
         Variant("rainfusion2 0.8 no permutation", v2(permutation="none")),
