@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
-from rainfusion import RainFusion2Config, apply_rainfusion, remove_rainfusion  # noqa: E402
+from rainfusion import RainFusion2Config, RainFusionConfig, VideoLayout, apply_rainfusion, remove_rainfusion  # noqa: E402
 from rainfusion.demo.flow import sample, training_loss  # noqa: E402
 from rainfusion.demo.model import DemoVideoModel, from_latents, load_checkpoint, save_checkpoint, to_latents  # noqa: E402
 from rainfusion.demo.training import train  # noqa: E402
@@ -129,3 +129,40 @@ def test_demo_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
 
     assert main(["demo", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
     assert "no demo checkpoint at" in capsys.readouterr().err
+
+
+def test_attention_analysis_matches_a_direct_computation(tmp_path):
+    """Per layer and head: the frame-to-frame mass and the ARM verdict of the recorded q, k equal
+    a direct float64 computation on the same q, k; one figure per layer."""
+    from rainfusion.arm import recognise_heads
+    from rainfusion.demo.analysis import _RecordSelfAttention, analyse, layout_of, plot_layer
+
+    spec = VideoSpec(frames=3, size=32)  # 3 x 4 x 4 = 48 tokens
+    model = DemoVideoModel(spec, TINY).eval()
+    layers = analyse(model, noise=0.6, seed=1)
+    assert len(layers) == TINY["num_layers"]
+    layout = layout_of(model)
+    assert layout == VideoLayout(3, 4, 4)
+    # the same forward, recorded again: q and k of layer 1
+    from rainfusion.demo.model import to_latents
+
+    generator = torch.Generator().manual_seed(1)
+    videos, captions = sample_videos(1, spec, generator)
+    latents = to_latents(videos)
+    noisy = 0.4 * latents + 0.6 * torch.randn(latents.shape, generator=generator)
+    recorder = _RecordSelfAttention(layout.num_tokens)
+    with recorder, torch.no_grad():
+        model(noisy, torch.tensor([600.0]), captions)
+    q, k = (t.double() for t in recorder.calls[1])
+    probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # head dim 64
+    mass = torch.stack([probs[:, 16 * i:16 * (i + 1)].view(2, 16, 3, 16).sum(-1).mean(1) for i in range(3)], 1)
+    assert torch.allclose(layers[1].frame_mass.double(), mass, atol=1e-5)
+    assert torch.allclose(layers[1].frame_mass.sum(-1), torch.ones(2, 3), atol=1e-5)
+    verdict = recognise_heads(q.float(), k.float(), layout, RainFusionConfig(sink_first_frame=False), scale=0.125)
+    assert layers[1].patterns == [["spatial", "temporal", "textural"][p] for p in verdict.pattern[0].tolist()]
+    assert layers[1].spatial.shape == (2, 7, 7)
+    middle = torch.arange(16, 32)  # frame 1's tokens: the centre offset is each query's weight on itself
+    assert torch.allclose(layers[1].spatial[:, 3, 3].double(), probs[:, middle, middle].mean(-1), atol=1e-5)
+    pytest.importorskip("matplotlib")
+    plot_layer(layers[1], "test", tmp_path / "layer1.png")
+    assert (tmp_path / "layer1.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,149 @@
+"""Attention-map analysis of the demo model: do its heads fall into RainFusion's spatial /
+temporal / textural patterns? One denoising forward at a chosen noise level records q and k of
+every self-attention layer; per head, the ARM's verdict and recalls, the frame-to-frame
+attention mass [T, T] and the mean attention of middle-frame queries over spatial offsets inside
+their own frame. One figure per layer (needs matplotlib).
+
+    python -m rainfusion.demo.analysis --checkpoint demo.safetensors --out maps/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..arm import recognise_heads
+from ..config import RainFusionConfig
+from ..head_patterns import PATTERN_NAMES
+from ..layout import VideoLayout
+from .model import DemoVideoModel, load_checkpoint
+from .videos import sample_videos
+
+
+class _RecordSelfAttention(TorchFunctionMode):
+    """Keeps q, k [B, H, N, D] of every SDPA call over ``num_tokens`` keys (self-attention)."""
+
+    def __init__(self, num_tokens: int):
+        super().__init__()
+        self.num_tokens, self.calls = num_tokens, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            if key.shape[2] == self.num_tokens:
+                self.calls.append((query.detach(), key.detach()))
+        return func(*args, **kwargs)
+
+
+@dataclass
+class LayerMaps:
+    """One layer's analysis (first clip of the batch). patterns: ARM verdicts [H];
+    local_recall, global_recall [H]; frame_mass [H, T, T] (rows sum to 1);
+    spatial [H, 2h-1, 2w-1]: mean attention (over the middle frame's queries that have a key
+    there) at each offset within the query's frame."""
+
+    patterns: list[str]
+    local_recall: list[float]
+    global_recall: list[float]
+    frame_mass: torch.Tensor
+    spatial: torch.Tensor
+
+
+def layout_of(model: DemoVideoModel) -> VideoLayout:
+    cells = model.spec.size // 4 // model.transformer_config["patch_size"][1]
+    return VideoLayout(model.spec.frames, cells, cells)
+
+
+@torch.no_grad()
+def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None
+            ) -> list[LayerMaps]:
+    """Per self-attention layer, the maps of one procedural clip noised to level ``noise``."""
+    from .model import to_latents
+
+    layout = layout_of(model)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    videos, captions = sample_videos(1, model.spec, generator, device)
+    latents = to_latents(videos)
+    noisy = (1 - noise) * latents + noise * torch.randn(latents.shape, generator=generator).to(device)
+    recorder = _RecordSelfAttention(layout.num_tokens)
+    with recorder:
+        model(noisy.to(next(model.parameters()).dtype), torch.tensor([noise * 1000], device=device), captions)
+    config = config or RainFusionConfig(sink_first_frame=False)
+    t, h, w = layout.frames, layout.height, layout.width
+    layers = []
+    for query, key in recorder.calls:
+        q, k = query[:1].float(), key[:1].float()  # [1, H, N, D]
+        scale = q.shape[-1] ** -0.5
+        verdict = recognise_heads(q, k, layout, config, scale=scale)
+        probs = torch.softmax((q[0] @ k[0].transpose(-1, -2)) * scale, dim=-1)  # [H, N, N]
+        heads = probs.shape[0]
+        by_frame = probs.view(heads, t, h * w, t, h * w)
+        frame_mass = by_frame.sum(-1).mean(2)  # [H, T(query), T(key)]
+        middle = by_frame[:, t // 2, :, t // 2, :].reshape(heads, h, w, h, w)
+        spatial = torch.zeros(heads, 2 * h - 1, 2 * w - 1, device=probs.device)
+        queries = torch.zeros(2 * h - 1, 2 * w - 1, device=probs.device)  # queries that see each offset
+        for y in range(h):  # move each query's map so that the query sits at the centre
+            for x in range(w):
+                spatial[:, h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += middle[:, y, x]
+                queries[h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += 1
+        layers.append(LayerMaps([PATTERN_NAMES[p] for p in verdict.pattern[0].tolist()],
+                                verdict.local_recall[0, :, 0].tolist(), verdict.global_recall[0, :, 0].tolist(),
+                                frame_mass.cpu(), (spatial / queries).cpu()))
+    return layers
+
+
+def plot_layer(maps: LayerMaps, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = len(maps.patterns)
+    fig, axes = plt.subplots(2, heads, figsize=(2.6 * heads, 5.4), squeeze=False)
+    for i in range(heads):
+        axes[0, i].imshow(maps.frame_mass[i].numpy(), cmap="magma")
+        axes[0, i].set_title(f"head {i}: {maps.patterns[i]}\nlocal {maps.local_recall[i]:.2f} "
+                             f"global {maps.global_recall[i]:.2f}", fontsize=8)
+        axes[0, i].set(xlabel="key frame", ylabel="query frame")
+        axes[1, i].imshow(maps.spatial[i].numpy(), cmap="magma")
+        axes[1, i].set(xlabel="key x - query x", ylabel="key y - query y")
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", default="attention-maps")
+    parser.add_argument("--noise", type=float, default=0.5, help="noise level of the analysed step (0 to 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    model = load_checkpoint(args.checkpoint, args.device)
+    layers = analyse(model, noise=args.noise, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, maps in enumerate(layers):
+        plot_layer(maps, f"demo model, self-attention layer {i}, noise {args.noise}", out / f"layer{i}.png")
+    summary = [dict(layer=i, patterns=m.patterns, local_recall=m.local_recall, global_recall=m.global_recall)
+               for i, m in enumerate(layers)]
+    (out / "patterns.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps([{"layer": s["layer"], "patterns": s["patterns"]} for s in summary]))
+
+
+if __name__ == "__main__":
+    main()
