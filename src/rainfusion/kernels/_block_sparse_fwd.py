@@ -1,9 +1,10 @@
 """Block-sparse attention forward, FlashAttention-2 style (the Triton kernel only).
 
-One program computes one query block of one (batch, head): it walks the key blocks listed in
-its row of the mask (every key block for a full row) as BLOCK_N-wide tiles, with an online
-softmax in float32. Listed blocks are ascending, so only the last one can hold the key tail:
-every tile but the last block's runs without key masking. To run on CPU (Triton's
+One program computes BLOCK_Q query rows (all or part of one mask row's query block) of one
+(batch, head): it walks the key blocks listed in that mask row (every key block for a full row)
+as BLOCK_N-wide tiles, with an online softmax in float32. Listed blocks are ascending, so only
+the last one can hold the key tail: every tile but the last block's runs without key masking.
+The launch settings make two programs share an SM (docs/design.md). To run on CPU (Triton's
 interpreter), ``TRITON_INTERPRET=1`` must be set before triton is first imported.
 """
 
