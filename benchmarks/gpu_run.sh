@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest] [extra args for the script or pytest]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train] [extra args for the script or pytest]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -30,6 +30,10 @@ if [ "$what" = sweep ]; then
 fi
 if [ "$what" = model ]; then
   (cd benchmarks && timeout 560 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -40)
+fi
+if [ "$what" = train ]; then  # the demo model (issue 5): checkpoint, log and preview come back in $OUT
+  PYTHONUNBUFFERED=1 timeout 590 python3 -m rainfusion.demo.training --out "$out/demo.safetensors" \
+    --preview "$out/preview.png" "$@" 2>&1 | grep -v Warning | tail -30
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
