@@ -81,14 +81,22 @@ def test_sparse_steps_fill_statistics_and_stay_close_to_dense():
     assert 0 < relative_l2(sparse, dense) < 0.0085
 
 
-def test_img_ids_that_are_not_a_raster_grid_are_refused():
+def test_img_ids_that_are_not_a_raster_grid_run_dense():
+    """Image tokens that are not one raster grid (Flux Kontext appends its reference image's):
+    that forward's attention runs dense, exactly the untouched model."""
     model = tiny_flux()
-    apply_rainfusion(model, RainFusion2Config.image())
     latents, text, pooled = inputs(height=8, width=8)
     tokens = diffusers.FluxPipeline._pack_latents(latents, 1, CHANNELS, 8, 8)
     img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32).flip(0)
-    with pytest.raises(ValueError, match="img_ids that span a full"):
-        model(tokens, text, pooled, torch.tensor([1.0]), img_ids, torch.zeros(TEXT, 3))
+
+    def forward():
+        with torch.no_grad():
+            return model(tokens, text, pooled, torch.tensor([1.0]), img_ids, torch.zeros(TEXT, 3), return_dict=False)[0]
+
+    untouched = forward()
+    controller = apply_rainfusion(model, RainFusion2Config.image(sparsity=0.9))
+    assert relative_l2(forward(), untouched) < 1e-6
+    assert controller.layout is None and not controller.history
 
 
 class _Queries(TorchFunctionMode):

@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 diffusers = pytest.importorskip("diffusers")
 from rainfusion import RainFusion2Config, RainFusionConfig, VideoLayout  # noqa: E402
 from rainfusion.integrations.diffusers import apply_rainfusion, remove_rainfusion  # noqa: E402
+from rainfusion.backends import log_once  # noqa: E402
 from rainfusion.reference import relative_l2  # noqa: E402
 
 CHANNELS, TEXT = 8, 12
@@ -90,10 +91,30 @@ def test_video_coords_give_the_same_layout():
     with torch.no_grad():
         model(pack(latents), text, torch.tensor([900]), torch.ones(1, TEXT), video_coords=coords)
     assert controller.layout == VideoLayout(3, 8, 6)
-    with pytest.raises(ValueError, match="video_coords that span a full"):
-        model(pack(latents), text, torch.tensor([900]), torch.ones(1, TEXT), video_coords=coords.flip(-1))
-    with pytest.raises(ValueError, match="num_frames, height and width"):
-        model(pack(latents), text, torch.tensor([900]), torch.ones(1, TEXT))
+
+
+def test_video_coords_off_the_grid_run_dense_and_say_so(caplog):
+    """Tokens that are not one raster grid (LTXConditionPipeline's conditioning tokens): that
+    forward's attention runs dense, exactly the untouched model, with one warning."""
+    model = tiny_ltx()
+    latents, text = inputs(frames=3, height=8, width=6)
+    grid = torch.meshgrid(torch.arange(3) * 8.0, torch.arange(8) * 32.0, torch.arange(6) * 32.0, indexing="ij")
+    coords = torch.stack(grid).flatten(1)[None].flip(-1)  # reversed: not raster order
+
+    def forward():
+        with torch.no_grad():
+            return model(pack(latents), text, torch.tensor([900]), torch.ones(1, TEXT), video_coords=coords,
+                         return_dict=False)[0]
+
+    untouched = forward()
+    controller = apply_rainfusion(model, RainFusion2Config(sparsity=0.9))
+    log_once.cache_clear()
+    with caplog.at_level("WARNING", logger="rainfusion"):
+        assert relative_l2(forward(), untouched) < 1e-6
+        forward()
+    assert controller.layout is None and not controller.history
+    warnings = [r.message for r in caplog.records if "do not span one full (t, h, w) grid" in r.message]
+    assert len(warnings) == 1 and warnings[0].endswith("attention of such forwards runs dense")  # logged once
 
 
 class _FirstQuery(TorchFunctionMode):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
-from .geometry import GEOMETRIES, geometry_of
+from ...backends import log_once
+from .geometry import GEOMETRIES, LayoutUnknown, geometry_of
 from .hooks import RainFusionController, _InterceptingProcessor
 
 _ATTRIBUTE = "_rainfusion_controller"
@@ -37,11 +38,16 @@ def _timestep(args: tuple, kwargs: dict, position: int) -> float:
 
 
 def _before_forward(controller: RainFusionController, geometry):
-    """The forward pre-hook of one transformer: its layout and the step's timestep."""
+    """The forward pre-hook of one transformer: its layout (None, so dense, when its tokens are
+    not a grid rainfusion maps) and the step's timestep."""
 
     def hook(module, args, kwargs):
-        controller.begin_forward(geometry.layout(module, args, kwargs),
-                                 _timestep(args, kwargs, geometry.timestep_position))
+        try:
+            layout = geometry.layout(module, args, kwargs)
+        except LayoutUnknown as unknown:
+            log_once(f"rainfusion: {unknown}; attention of such forwards runs dense")
+            layout = None
+        controller.begin_forward(layout, _timestep(args, kwargs, geometry.timestep_position))
 
     return hook
 

@@ -11,6 +11,11 @@ import torch
 from ...layout import VideoLayout
 
 
+class LayoutUnknown(ValueError):
+    """A forward whose tokens do not form the grid rainfusion maps (e.g. LTX-Video conditioning
+    tokens, Flux Kontext reference-image tokens): that forward's attention runs dense."""
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """How to read one transformer class.
@@ -66,14 +71,14 @@ def _ltx_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayou
     if coords is not None:
         found = _raster_grid(coords[0].transpose(0, 1).float())
         if found is None:
-            raise ValueError("rainfusion needs LTXVideoTransformer3DModel video_coords that span a full (t, h, w) "
-                             "grid in raster order")
+            raise LayoutUnknown("LTXVideoTransformer3DModel video_coords that do not span one full (t, h, w) "
+                                "grid in raster order")
         return VideoLayout(*found)
     names = ("num_frames", "height", "width")
     grid = [kwargs.get(name, args[4 + i] if len(args) > 4 + i else None) for i, name in enumerate(names)]
     if any(size is None for size in grid):
-        raise ValueError("rainfusion needs LTXVideoTransformer3DModel called with num_frames, height and width "
-                         "(or video_coords)")
+        raise LayoutUnknown("LTXVideoTransformer3DModel called without num_frames, height and width "
+                            "(or video_coords)")
     return VideoLayout(*(int(size) for size in grid))
 
 
@@ -86,8 +91,8 @@ def _flux_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayo
     ids = ids[0] if ids.ndim == 3 else ids
     found = _raster_grid(ids.float())
     if found is None:
-        raise ValueError("rainfusion needs FluxTransformer2DModel img_ids that span a full (row, column) grid in "
-                         "raster order")
+        raise LayoutUnknown("FluxTransformer2DModel img_ids that do not span one full (row, column) grid in "
+                            "raster order")
     return VideoLayout(*found, text_len=text.shape[1], text_position="before")
 
 

@@ -45,9 +45,10 @@ class RainFusionController:
     _originals: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
     _hooks: list[object] = field(default_factory=list)
 
-    def begin_forward(self, layout: VideoLayout, timestep: float) -> None:
+    def begin_forward(self, layout: VideoLayout | None, timestep: float) -> None:
         """Called before each transformer forward: a new timestep is a new step, a higher one
-        (or a new layout) a new generation; calls at the same timestep are CFG passes."""
+        (or a new layout) a new generation; calls at the same timestep are CFG passes. A None
+        layout (tokens rainfusion cannot map) makes the forward's attention dense."""
         new_generation = (self._last_timestep is None or timestep > self._last_timestep or layout != self.layout)
         if new_generation:
             self.step, self.states, self.history = 0, {}, []
