@@ -124,11 +124,20 @@ def test_demo_command_on_a_small_checkpoint(tmp_path, capsys):
     assert videos["v2 at 0"].shape == (2, 4, 64, 64, 3)
 
 
-def test_demo_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
+def test_demo_bad_input_says_what_to_do(tmp_path, capsys):
     from rainfusion.cli import main
+    from rainfusion.demo.run import Variant, run_demo
 
     assert main(["demo", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
     assert "no demo checkpoint at" in capsys.readouterr().err
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(DemoVideoModel(VideoSpec(frames=2, size=16), TINY), str(path))
+    assert main(["demo", "--checkpoint", str(path), "--steps", "0"]) == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must start with the dense variant"):
+        run_demo(path, variant_list=[Variant("v2", RainFusion2Config())])
+    with pytest.raises(ValueError, match="steps and batch must be >= 1"):
+        train(VideoSpec(frames=2, size=16), steps=0, batch=2, device="cpu")
 
 
 def test_attention_analysis_matches_a_direct_computation(tmp_path):

@@ -59,6 +59,8 @@ def run_demo(checkpoint: str | Path, *, variant_list: list[Variant], clips: int 
     the dense reference of the quality columns."""
     from ..integrations.diffusers import apply_rainfusion, remove_rainfusion
 
+    if not variant_list or variant_list[0].config is not None:
+        raise ValueError("variant_list must start with the dense variant (config None): the quality reference")
     model = load_checkpoint(str(checkpoint), device, dtype)
     captions = sample_captions(clips, model.spec, torch.Generator().manual_seed(seed)).to(device)
     rows, videos = [], {}
@@ -136,8 +138,11 @@ def main_demo(args) -> int:
             "`python -m rainfusion.demo.training --out PATH`)")
     from ..cli import dtype_for
 
-    steps = args.steps or (8 if args.quick else 30)
-    clips = args.clips or (1 if args.quick else 16)
+    steps = args.steps if args.steps is not None else (8 if args.quick else 30)
+    clips = args.clips if args.clips is not None else (1 if args.quick else 16)
+    for name, value in (("--steps", steps), ("--clips", clips)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     print(f"demo: {clips} clips, {steps} steps, {args.device}")
     print(HEADER)
     report, videos = run_demo(checkpoint, variant_list=variants(args.quick, args.block_size), clips=clips,

@@ -25,6 +25,8 @@ def train(spec: VideoSpec, *, steps: int, batch: int, lr: float = 3e-4, warmup: 
           transformer_config: dict | None = None, init: DemoVideoModel | None = None) -> tuple[DemoVideoModel, list[dict]]:
     """(EMA model, log rows). Cosine learning rate after a linear warm-up; stops after ``steps``
     steps or ``time_limit`` seconds, whichever comes first. ``init``: weights to start from."""
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # clips (drawn on the host, small)
     noise_generator = torch.Generator(device).manual_seed(seed)  # noise, drawn on the device
