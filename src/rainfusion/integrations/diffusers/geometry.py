@@ -105,6 +105,11 @@ def _hunyuan_video_layout(model: torch.nn.Module, args: tuple, kwargs: dict) -> 
     return VideoLayout(frames // p_t, height // p, width // p, text_len=text.shape[1], text_position="after")
 
 
+def _double_then_single_stream(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The joint attention of the double-stream blocks, then of the single-stream blocks."""
+    return [block.attn for block in model.transformer_blocks] + [block.attn for block in model.single_transformer_blocks]
+
+
 GEOMETRIES: dict[str, ModelGeometry] = {
     # forward(hidden_states, timestep, encoder_hidden_states, ...)
     "WanTransformer3DModel": ModelGeometry(_wan_layout, lambda model: [block.attn1 for block in model.blocks], 1),
@@ -113,22 +118,14 @@ GEOMETRIES: dict[str, ModelGeometry] = {
         _cogvideox_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
     # forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, ...); double-stream
     # then single-stream blocks, all over [video, text]
-    "HunyuanVideoTransformer3DModel": ModelGeometry(
-        _hunyuan_video_layout,
-        lambda model: [block.attn for block in model.transformer_blocks]
-        + [block.attn for block in model.single_transformer_blocks],
-        1),
+    "HunyuanVideoTransformer3DModel": ModelGeometry(_hunyuan_video_layout, _double_then_single_stream, 1),
     # forward(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames, ...);
     # attn2 is cross-attention to the text
     "LTXVideoTransformer3DModel": ModelGeometry(
         _ltx_layout, lambda model: [block.attn1 for block in model.transformer_blocks], 2),
     # forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, ...);
     # double-stream blocks then single-stream blocks, all over [text, image]
-    "FluxTransformer2DModel": ModelGeometry(
-        _flux_layout,
-        lambda model: [block.attn for block in model.transformer_blocks]
-        + [block.attn for block in model.single_transformer_blocks],
-        3),
+    "FluxTransformer2DModel": ModelGeometry(_flux_layout, _double_then_single_stream, 3),
 }
 
 
