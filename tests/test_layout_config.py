@@ -64,6 +64,8 @@ def test_config_defaults_and_presets():
         (RainFusionConfig, dict(bandwidths=(0.5, 0.0)), ValueError, "bandwidths must be > 0"),
         (RainFusionConfig, dict(warmup_fraction=2.0), ValueError, "warmup_fraction must be in"),
         (RainFusionConfig, dict(sink_first_frame=1), TypeError, "sink_first_frame must be a bool"),
+        (RainFusionConfig, dict(textural="no"), TypeError, "textural must be a bool, got str"),
+        (RainFusion2Config, dict(forced_in_budget=0), TypeError, "forced_in_budget must be a bool, got int"),
     ],
 )
 def test_configs_reject_bad_values(cls, kwargs, error, match):

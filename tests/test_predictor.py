@@ -20,17 +20,22 @@ def pooled_probs(q, k, bs):
     return torch.softmax(qm @ km.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
 
 
+@pytest.mark.parametrize("forced_in_budget", [False, True])
 @pytest.mark.parametrize("n,num_dense,bs,sparsity", [(1000, 150, 64, 0.8), (1500, 0, 128, 0.5), (777, 300, 64, 0.9)])
-def test_topk_keeps_forced_blocks_then_the_highest_pooled_scores(n, num_dense, bs, sparsity):
+def test_topk_keeps_forced_blocks_then_the_highest_pooled_scores(n, num_dense, bs, sparsity, forced_in_budget):
     g = torch.Generator().manual_seed(n)
     q, k = (torch.randn(2, 3, n, 16, generator=g) for _ in range(2))
-    config = RainFusion2Config(sparsity=sparsity, block_size=bs)
+    config = RainFusion2Config(sparsity=sparsity, block_size=bs, forced_in_budget=forced_in_budget)
     mask = predict_block_mask(q, k, num_dense=num_dense, config=config, scale=16**-0.5)
     blocks = mask.kv_blocks
     dense_blocks = -(-num_dense // bs)
     kept = mask.to_dense()
     probs = pooled_probs(q, k, bs)
-    budget = min(blocks, keep_count(blocks, sparsity) + dense_blocks + 1)  # forced blocks come on top
+    forced_count = dense_blocks + 1
+    if forced_in_budget:  # the forced blocks are part of the top-N budget
+        budget = min(blocks, max(keep_count(blocks, sparsity), forced_count))
+    else:  # they come on top of it
+        budget = min(blocks, keep_count(blocks, sparsity) + forced_count)
     assert kept[:, :, :dense_blocks].all(), "dense-region rows must be full"
     assert kept[..., :dense_blocks].all(), "dense-region columns must be kept"
     assert kept.diagonal(dim1=-2, dim2=-1).all(), "diagonal must be kept"
@@ -41,11 +46,11 @@ def test_topk_keeps_forced_blocks_then_the_highest_pooled_scores(n, num_dense, b
                 others = [c for c in torch.argsort(probs[b, h, row], descending=True).tolist() if c not in forced]
                 want = forced | set(others[: budget - len(forced)])
                 assert set(torch.nonzero(kept[b, h, row]).flatten().tolist()) == want
-    # realized density: the forced blocks plus the top-N budget on every sparse row, and the
-    # budget is within one block of the target
+    # realized density: the budget on every sparse row, within one block of the target (plus the
+    # forced blocks when they come on top)
     assert (mask.counts[:, :, dense_blocks:] == budget).all()
-    if budget < blocks:
-        assert 0 <= budget - (dense_blocks + 1) - blocks * (1 - sparsity) < 1
+    if budget < blocks and (not forced_in_budget or keep_count(blocks, sparsity) > forced_count):
+        assert 0 <= budget - (0 if forced_in_budget else forced_count) - blocks * (1 - sparsity) < 1
 
 
 def test_topp_keeps_the_fewest_blocks_reaching_the_mass_and_at_most_topk():

@@ -99,12 +99,16 @@ class RainFusion2Config:
 
     sparsity: nominal fraction of key blocks skipped per query block; each query block keeps
         ceil(kv_blocks * (1 - sparsity)) blocks on top of its forced ones (text, first-frame
-        sink, diagonal).
+        sink, diagonal), or, with ``forced_in_budget``, that many including them.
     permutation: "window3d" (2x8x8 spatiotemporal windows), "tile2d" (8x8 tiles per frame) or
         "none" (raster order) applied to the video tokens so that a block is a compact region.
     selection: "topk" keeps the top-N blocks; "topp" keeps the fewest blocks whose pooled
         probability reaches ``top_p``, never more than top-N.
     force_diagonal: each query block always visits its own key block.
+    forced_in_budget: the forced blocks count inside the top-N budget, so the realized density
+        of the sparse rows follows 1 - sparsity (at 720p the sink alone is ~5% of the key
+        blocks); by default they come on top, which keeps N blocks for the video content even
+        where the forced blocks are many (small sizes).
     """
 
     sparsity: float = 0.8
@@ -113,6 +117,7 @@ class RainFusion2Config:
     selection: Selection = "topk"
     top_p: float = 0.9
     force_diagonal: bool = True
+    forced_in_budget: bool = False
     warmup_fraction: float = 0.3
     sink_first_frame: bool = True
     refresh_interval: int = 1
@@ -123,6 +128,8 @@ class RainFusion2Config:
             raise ValueError(
                 f"permutation must be 'window3d', 'tile2d' or 'none', got {self.permutation!r}"
             )
+        if not isinstance(self.forced_in_budget, bool):
+            raise TypeError(f"forced_in_budget must be a bool, got {type(self.forced_in_budget).__name__}")
         if self.selection not in ("topk", "topp"):
             raise ValueError(f"selection must be 'topk' or 'topp', got {self.selection!r}")
         _check_fraction("top_p", self.top_p, low=0.0, high=1.0, high_open=False)

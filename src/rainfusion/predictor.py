@@ -55,7 +55,8 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     if config.force_diagonal:
         forced = forced | torch.eye(blocks, dtype=torch.bool, device=query.device)
     forced_count = min(blocks, head + blocks - tail_start + int(config.force_diagonal))
-    width = min(blocks, keep_count(blocks, config.sparsity) + forced_count)
+    keep = keep_count(blocks, config.sparsity)
+    width = min(blocks, max(keep, forced_count) if config.forced_in_budget else keep + forced_count)
 
     # probabilities are <= 1, so +2 ranks every forced block first; a full sort is faster than
     # topk for widths this large on GPUs (0.75 vs 1.19 ms at hunyuan-720p on an H100)

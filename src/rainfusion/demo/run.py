@@ -1,7 +1,7 @@
 """``rainfusion demo``: the demo model generates the same captions and seeds with dense attention
 and with RainFusion v1, RainFusion+ and RainFusion2.0 at several sparsities (and, without
 ``--quick``, ablations: v1 without the textural pattern; v2 without permutation, with 8x8 tiles,
-without the first-frame sink, with top-p), then reports
+without the first-frame sink, with top-p, with the forced blocks inside the budget), then reports
 PSNR, SSIM and cosine similarity against the dense videos, realized density, v1 head patterns
 and time; writes the table as JSON, a side-by-side GIF and a quality-vs-density plot."""
 
@@ -45,6 +45,7 @@ def variants(quick: bool, block_size: int = 128) -> list[Variant]:
         Variant("rainfusion2 0.8 tile2d", v2(permutation="tile2d")),
         Variant("rainfusion2 0.8 no sink", v2(sink_first_frame=False)),
         Variant("rainfusion2 0.8 top-p 0.9", v2(selection="topp")),
+        Variant("rainfusion2 0.8 forced in budget", v2(forced_in_budget=True)),
     ]
 
 
