@@ -4,8 +4,9 @@ Per model: the dense step on the fastest SDPA backend that takes the model's att
 (cuDNN, else flash, else memory-efficient: HunyuanVideo passes a text-padding mask), the same step
 with attention replaced by a no-op (for the attention share), a dense step through rainfusion
 (what its warm-up steps run: FA4 dense or our kernel), and sparse steps of RainFusion v1 (0.5)
-and v2 (0.8, 0.9, and 0.8 with the forced blocks inside the budget). The whole-schedule speed-up assumes 50 steps with each method's default
-warm-up (dense steps first). Speed does not depend on the weight values.
+and v2 (0.8, 0.9, and 0.8 with the forced blocks inside the budget). The whole-schedule
+speed-up assumes 50 steps with each method's default warm-up (dense steps first). Speed does not
+depend on the weight values.
 
     python benchmarks/model_step.py --models wan-1.3b-480p hunyuan-720p [--layers N] [--out results.json]
 """
