@@ -75,7 +75,7 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
     bad = sorted(i for i in skip_layers if not 0 <= i < fewest)
     if bad:
         raise ValueError(f"skip_layers must be in [0, {fewest}), got {bad}")
-    controller = RainFusionController(transformers, config, num_steps, frozenset(skip_layers), scheduler)
+    controller = RainFusionController(transformers, config, num_steps, scheduler)
     first_layer = 0
     for transformer, geometry, layers in zip(transformers, geometries, modules):
         controller._hooks.append(transformer.register_forward_pre_hook(_before_forward(controller, geometry),

@@ -27,13 +27,11 @@ class RainFusionController:
     models: the transformers it was applied to (a pipeline's ``transformer`` and ``transformer_2``).
     num_steps: denoising steps of a generation (for the dense warm-up); read from the pipeline's
         scheduler when applied to a pipeline, else given by the user.
-    skip_layers: indices of self-attention layers that stay dense (in each transformer).
     """
 
     models: list[torch.nn.Module]
     config: AnyConfig
     num_steps: int | None
-    skip_layers: frozenset[int]
     scheduler: object | None = None
     layout: VideoLayout | None = None
     step: int = -1
