@@ -22,7 +22,7 @@ from ..arm import recognise_heads
 from ..config import RainFusionConfig
 from ..head_patterns import PATTERN_NAMES
 from ..layout import VideoLayout
-from .model import DemoVideoModel, load_checkpoint
+from .model import PIXELS_PER_CELL, DemoVideoModel, load_checkpoint, to_latents
 from .videos import sample_videos
 
 
@@ -58,7 +58,7 @@ class LayerMaps:
 
 
 def layout_of(model: DemoVideoModel) -> VideoLayout:
-    cells = model.spec.size // 4 // model.transformer_config["patch_size"][1]
+    cells = model.spec.size // PIXELS_PER_CELL // model.transformer_config["patch_size"][1]
     return VideoLayout(model.spec.frames, cells, cells)
 
 
@@ -66,17 +66,15 @@ def layout_of(model: DemoVideoModel) -> VideoLayout:
 def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None
             ) -> list[LayerMaps]:
     """Per self-attention layer, the maps of one procedural clip noised to level ``noise``."""
-    from .model import to_latents
-
     layout = layout_of(model)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
     videos, captions = sample_videos(1, model.spec, generator, device)
     latents = to_latents(videos)
     noisy = (1 - noise) * latents + noise * torch.randn(latents.shape, generator=generator).to(device)
     recorder = _RecordSelfAttention(layout.num_tokens)
     with recorder:
-        model(noisy.to(next(model.parameters()).dtype), torch.tensor([noise * 1000], device=device), captions)
+        model(noisy.to(dtype), torch.tensor([noise * 1000], device=device), captions)
     config = config or RainFusionConfig(sink_first_frame=False)
     t, h, w = layout.frames, layout.height, layout.width
     layers = []

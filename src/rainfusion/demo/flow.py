@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import DemoVideoModel
+from .model import PIXELS_PER_CELL, DemoVideoModel
 
 
 def training_loss(model: DemoVideoModel, latents: torch.Tensor, captions: torch.Tensor, generator: torch.Generator,
@@ -42,7 +42,7 @@ def sample(model: DemoVideoModel, captions: torch.Tensor, generator: torch.Gener
     batch of 2B."""
     spec = model.spec
     b = captions.shape[0]
-    cells = spec.size // 4
+    cells = spec.size // PIXELS_PER_CELL
     device = captions.device
     x = torch.randn(b, model.transformer_config["in_channels"], spec.frames, cells, cells, generator=generator,
                     device=device, dtype=dtype)
