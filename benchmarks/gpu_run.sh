@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train] [extra args for the script or pytest]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo] [extra args for the script or pytest]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -34,6 +34,13 @@ fi
 if [ "$what" = train ]; then  # the demo model (issue 5): checkpoint, log and preview come back in $OUT
   PYTHONUNBUFFERED=1 timeout 590 python3 -m rainfusion.demo.training --out "$out/demo.safetensors" \
     --preview "$out/preview.png" "$@" 2>&1 | grep -v Warning | tail -30
+  cp "$out/demo.safetensors" /tmp/demo-last.safetensors  # a warm machine's next call can --init from it
+fi
+if [ "$what" = demo ]; then  # the demo's quality run and attention maps on a checkpoint; one tar back
+  ckpt=${1:-src/rainfusion/demo/weights/demo.safetensors}
+  PYTHONUNBUFFERED=1 timeout 330 python3 -m rainfusion.cli demo --checkpoint "$ckpt" --out /tmp/demo/run "${@:2}" 2>&1 | grep -v Warning | tail -30
+  timeout 90 python3 -m rainfusion.demo.analysis --checkpoint "$ckpt" --out /tmp/demo/maps 2>&1 | grep -v Warning | tail -5
+  tar -C /tmp/demo -cf "$out/demo.tar" .
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8

@@ -7,11 +7,13 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 from rainfusion import RainFusion2Config, RainFusionConfig, VideoLayout, apply_rainfusion, remove_rainfusion  # noqa: E402
-from rainfusion.demo.flow import sample, training_loss  # noqa: E402
+from rainfusion.attention import sparse_attention  # noqa: E402
+from rainfusion.demo.flow import noise_levels, sample, shifted, training_loss  # noqa: E402
 from rainfusion.demo.model import DemoVideoModel, from_latents, load_checkpoint, save_checkpoint, to_latents  # noqa: E402
 from rainfusion.demo.training import train  # noqa: E402
 from rainfusion.demo.videos import VOCAB, VideoSpec, caption_text, contact_sheet, sample_videos  # noqa: E402
 from rainfusion.reference import relative_l2  # noqa: E402
+from rainfusion.state import AttentionState  # noqa: E402
 
 TINY = dict(num_layers=2, ffn_dim=128, num_attention_heads=2, text_dim=32, freq_dim=32)
 
@@ -80,6 +82,17 @@ def test_training_lowers_the_loss_on_held_out_clips():
                          transformer_config=TINY, init=untrained)
     assert [row["step"] for row in log] == [20, 40, 60]
     assert loss(trained) < 0.8 * loss(untrained)
+    _, log = train(spec, steps=60, stop_at=25, batch=2, device="cpu", log_every=20, transformer_config=TINY)
+    assert [row["step"] for row in log] == [20, 25] and log[-1]["lr"] > 0  # cut inside the 60-step schedule
+
+
+def test_noise_shift_moves_levels_towards_one():
+    sigma = torch.rand(1000)
+    assert torch.equal(shifted(sigma, 1.0), sigma)
+    assert bool((shifted(sigma, 6.0) >= sigma).all())
+    assert shifted(torch.tensor([0.0, 0.5, 1.0]), 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])
+    levels = noise_levels(10)
+    assert levels[0] == 1.0 and levels[-1] == 0.0 and bool((levels[1:] < levels[:-1]).all())
 
 
 def test_sampling_with_rainfusion_at_sparsity_zero_matches_dense():
@@ -101,7 +114,7 @@ def test_demo_command_on_a_small_checkpoint(tmp_path, capsys):
     """`rainfusion demo --quick` end to end on a small random-weight checkpoint: the table, the
     JSON, the GIF; dense against itself is exact, and v2 at sparsity 0 matches dense."""
     from rainfusion.cli import main
-    from rainfusion.demo.run import Variant, run_demo
+    from rainfusion.demo.run import Variant, run_demo, sensitivity_variants
 
     spec = VideoSpec(frames=4, size=64)
     path = tmp_path / "small.safetensors"
@@ -117,6 +130,13 @@ def test_demo_command_on_a_small_checkpoint(tmp_path, capsys):
     assert dense["psnr"] == 99.0 and dense["ssim"] == pytest.approx(1.0) and dense["density"] == 1.0
     assert all(r["density"] < 1.0 for r in report["rows"][1:])
     assert (tmp_path / "out" / "demo.gif").read_bytes()[:3] == b"GIF"
+
+    assert main(["demo", "--checkpoint", str(path), "--sensitivity", "--clips", "1", "--steps", "2", "--block-size", "64",
+                 "--out", str(tmp_path / "sensitivity")]) == 0
+    report = __import__("json").loads((tmp_path / "sensitivity" / "demo.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["dense", "rainfusion2 0.8 layer 0 only", "rainfusion2 0.8 layer 1 only",
+                                                      "rainfusion2 0.8 warm-up 0.5", "rainfusion 0.5 warm-up 0.5"]
+    assert [v.skip_layers for v in sensitivity_variants(3)[1:4]] == [(1, 2), (0, 2), (0, 1)]
 
     exact = [Variant("dense", None), Variant("v2 at 0", RainFusion2Config(sparsity=0.0, block_size=64))]
     report, videos = run_demo(path, variant_list=exact, clips=2, steps=3, log=lambda _: None)
@@ -138,13 +158,29 @@ def test_demo_bad_input_says_what_to_do(tmp_path, capsys):
         run_demo(path, variant_list=[Variant("v2", RainFusion2Config())])
     with pytest.raises(ValueError, match="steps and batch must be >= 1"):
         train(VideoSpec(frames=2, size=16), steps=0, batch=2, device="cpu")
+    with pytest.raises(ValueError, match=r"stop_at must be in \[1, steps=5\], got 6"):
+        train(VideoSpec(frames=2, size=16), steps=5, stop_at=6, batch=2, device="cpu")
+
+
+def _recorded_qk(model: DemoVideoModel, *, noise: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """q, k of each self-attention layer in the forward that ``analyse`` makes (same clip and noise)."""
+    from rainfusion.demo.analysis import _RecordSelfAttention, layout_of
+
+    generator = torch.Generator().manual_seed(seed)
+    videos, captions = sample_videos(1, model.spec, generator)
+    latents = to_latents(videos)
+    noisy = (1 - noise) * latents + noise * torch.randn(latents.shape, generator=generator)
+    recorder = _RecordSelfAttention(layout_of(model).num_tokens)
+    with recorder, torch.no_grad():
+        model(noisy, torch.tensor([noise * 1000]), captions)
+    return recorder.calls
 
 
 def test_attention_analysis_matches_a_direct_computation(tmp_path):
     """Per layer and head: the frame-to-frame mass and the ARM verdict of the recorded q, k equal
     a direct float64 computation on the same q, k; one figure per layer."""
     from rainfusion.arm import recognise_heads
-    from rainfusion.demo.analysis import _RecordSelfAttention, analyse, layout_of, plot_layer
+    from rainfusion.demo.analysis import analyse, layout_of, plot_layer
 
     spec = VideoSpec(frames=3, size=32)  # 3 x 4 x 4 = 48 tokens
     model = DemoVideoModel(spec, TINY).eval()
@@ -152,17 +188,7 @@ def test_attention_analysis_matches_a_direct_computation(tmp_path):
     assert len(layers) == TINY["num_layers"]
     layout = layout_of(model)
     assert layout == VideoLayout(3, 4, 4)
-    # the same forward, recorded again: q and k of layer 1
-    from rainfusion.demo.model import to_latents
-
-    generator = torch.Generator().manual_seed(1)
-    videos, captions = sample_videos(1, spec, generator)
-    latents = to_latents(videos)
-    noisy = 0.4 * latents + 0.6 * torch.randn(latents.shape, generator=generator)
-    recorder = _RecordSelfAttention(layout.num_tokens)
-    with recorder, torch.no_grad():
-        model(noisy, torch.tensor([600.0]), captions)
-    q, k = (t.double() for t in recorder.calls[1])
+    q, k = (t.double() for t in _recorded_qk(model, noise=0.6, seed=1)[1])  # the same forward, layer 1
     probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # head dim 64
     mass = torch.stack([probs[:, 16 * i:16 * (i + 1)].view(2, 16, 3, 16).sum(-1).mean(1) for i in range(3)], 1)
     assert torch.allclose(layers[1].frame_mass.double(), mass, atol=1e-5)
@@ -170,8 +196,48 @@ def test_attention_analysis_matches_a_direct_computation(tmp_path):
     verdict = recognise_heads(q.float(), k.float(), layout, RainFusionConfig(sink_first_frame=False), scale=0.125)
     assert layers[1].patterns == [["spatial", "temporal", "textural"][p] for p in verdict.pattern[0].tolist()]
     assert layers[1].spatial.shape == (2, 7, 7)
+    assert layers[1].mask_recall["rainfusion2 0.8"] == pytest.approx([1.0, 1.0])  # 48 tokens: one block
     middle = torch.arange(16, 32)  # frame 1's tokens: the centre offset is each query's weight on itself
     assert torch.allclose(layers[1].spatial[:, 3, 3].double(), probs[:, middle, middle].mean(-1), atol=1e-5)
     pytest.importorskip("matplotlib")
     plot_layer(layers[1], "test", tmp_path / "layer1.png")
     assert (tmp_path / "layer1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
+    """Mask recall per head equals the exact attention mass inside the predicted block mask,
+    summed directly (raster order: 4 blocks of 64 tokens = one frame each); all of it at sparsity 0."""
+    from rainfusion.demo.analysis import analyse, layout_of
+
+    spec = VideoSpec(frames=4, size=64)  # 4 x 8 x 8 = 256 tokens
+    model = DemoVideoModel(spec, TINY).eval()
+    masks = {"v2": RainFusion2Config(sparsity=0.5, block_size=64, permutation="none", sink_first_frame=False),
+             "v2 at 0": RainFusion2Config(sparsity=0.0, block_size=64)}
+    layers = analyse(model, noise=0.3, seed=2, masks=masks)
+    layout = layout_of(model)
+    for layer, (query, key) in zip(layers, _recorded_qk(model, noise=0.3, seed=2)):
+        q, k = query[:1].double(), key[:1].double()
+        probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # [H, N, N]
+        state = AttentionState()
+        sparse_attention(q.float(), k.float(), k.float(), layout=layout, config=masks["v2"], state=state, scale=0.125)
+        kept = state.cache.mask.to_dense()[0].repeat_interleave(64, 1).repeat_interleave(64, 2)  # [H, N, N]
+        direct = (probs * kept).sum(-1).mean(-1)
+        assert layer.mask_recall["v2"] == pytest.approx(direct.tolist(), abs=1e-5)
+        assert all(r < 0.999 for r in direct)
+        assert layer.mask_recall["v2 at 0"] == pytest.approx([1.0, 1.0], abs=1e-9)
+
+
+def test_the_embedded_model_is_trained():
+    """The checkpoint shipped in the package loads, fits the 16 MB budget, and predicts the flow
+    of held-out clips far better than the same architecture untrained."""
+    from rainfusion.demo.run import EMBEDDED
+
+    assert EMBEDDED.is_file() and EMBEDDED.stat().st_size <= 16 * 2**20
+    model = load_checkpoint(EMBEDDED).eval()
+    assert (model.spec.frames, model.spec.size) == (16, 128)
+    untrained = DemoVideoModel(model.spec).eval()
+    videos, captions = sample_videos(2, model.spec, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        losses = [float(training_loss(m, to_latents(videos), captions, torch.Generator().manual_seed(7), drop_caption=0.0))
+                  for m in (model, untrained)]
+    assert losses[0] < 0.2 * losses[1], losses

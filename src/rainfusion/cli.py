@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="quality of RainFusion on the demo video model: PSNR / SSIM vs dense, density, time")
     demo.add_argument("--checkpoint", help="demo model weights (default: the embedded model)")
     demo.add_argument("--quick", action="store_true", help="fewer clips, steps and variants (CPU in minutes)")
+    demo.add_argument("--sensitivity", action="store_true",
+                      help="instead of the methods: v2 0.8 sparse in one layer at a time, and longer dense warm-ups")
     demo.add_argument("--clips", type=int, help="caption/seed pairs (default: 16, 1 with --quick)")
     demo.add_argument("--steps", type=int, help="sampling steps (default: 30, 8 with --quick)")
     demo.add_argument("--block-size", type=int, default=128, choices=[64, 128], help="attention block")

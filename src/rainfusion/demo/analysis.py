@@ -1,8 +1,9 @@
 """Attention-map analysis of the demo model: do its heads fall into RainFusion's spatial /
 temporal / textural patterns? One denoising forward at a chosen noise level records q and k of
-every self-attention layer; per head, the ARM's verdict and recalls, the frame-to-frame
-attention mass [T, T] and the mean attention of middle-frame queries over spatial offsets inside
-their own frame. One figure per layer (needs matplotlib).
+every self-attention layer; per head, the ARM's verdict and recalls, the share of the exact
+attention that the masks of v2 at 0.8 and v1 at 0.5 keep, the frame-to-frame attention mass
+[T, T] and the mean attention of middle-frame queries over spatial offsets inside their own
+frame. One figure per layer (needs matplotlib).
 
     python -m rainfusion.demo.analysis --checkpoint demo.safetensors --out maps/
 """
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..arm import recognise_heads
-from ..config import RainFusionConfig
+from ..attention import sparse_attention
+from ..config import AnyConfig, RainFusion2Config, RainFusionConfig
 from ..head_patterns import PATTERN_NAMES
 from ..layout import VideoLayout
+from ..reference import attention_recall
+from ..state import AttentionState
 from .model import PIXELS_PER_CELL, DemoVideoModel, load_checkpoint, to_latents
 from .videos import sample_videos
 
@@ -46,15 +50,29 @@ class _RecordSelfAttention(TorchFunctionMode):
 @dataclass
 class LayerMaps:
     """One layer's analysis (first clip of the batch). patterns: ARM verdicts [H];
-    local_recall, global_recall [H]; frame_mass [H, T, T] (rows sum to 1);
+    local_recall, global_recall [H]; mask_recall: per method name, the exact attention mass
+    inside its mask [H] (mean over queries); frame_mass [H, T, T] (rows sum to 1);
     spatial [H, 2h-1, 2w-1]: mean attention (over the middle frame's queries that have a key
     there) at each offset within the query's frame."""
 
     patterns: list[str]
     local_recall: list[float]
     global_recall: list[float]
+    mask_recall: dict[str, list[float]]
     frame_mass: torch.Tensor
     spatial: torch.Tensor
+
+
+MASKS: dict[str, AnyConfig] = {"rainfusion2 0.8": RainFusion2Config(), "rainfusion 0.5": RainFusionConfig()}
+
+
+def mask_recall(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: AnyConfig,
+                scale: float) -> list[float]:
+    """Per head, the exact attention mass (mean over queries) inside the mask that ``config``
+    predicts for query/key [1, H, N, D] at a sparse step."""
+    state = AttentionState()
+    sparse_attention(query, key, key, layout=layout, config=config, state=state, scale=scale)
+    return attention_recall(query, key, state.cache.mask, state.cache.inverse, scale=scale)[0].tolist()
 
 
 def layout_of(model: DemoVideoModel) -> VideoLayout:
@@ -63,9 +81,10 @@ def layout_of(model: DemoVideoModel) -> VideoLayout:
 
 
 @torch.no_grad()
-def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None
-            ) -> list[LayerMaps]:
-    """Per self-attention layer, the maps of one procedural clip noised to level ``noise``."""
+def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None,
+            masks: dict[str, AnyConfig] = MASKS) -> list[LayerMaps]:
+    """Per self-attention layer, the maps of one procedural clip noised to level ``noise``;
+    ``config``: the ARM's; ``masks``: the methods whose mask recall is measured."""
     layout = layout_of(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
@@ -95,6 +114,7 @@ def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config:
                 queries[h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += 1
         layers.append(LayerMaps([PATTERN_NAMES[p] for p in verdict.pattern[0].tolist()],
                                 verdict.local_recall[0, :, 0].tolist(), verdict.global_recall[0, :, 0].tolist(),
+                                {name: mask_recall(q, k, layout, masked, scale) for name, masked in masks.items()},
                                 frame_mass.cpu(), (spatial / queries).cpu()))
     return layers
 
@@ -109,8 +129,9 @@ def plot_layer(maps: LayerMaps, title: str, path: Path) -> None:
     fig, axes = plt.subplots(2, heads, figsize=(2.6 * heads, 5.4), squeeze=False)
     for i in range(heads):
         axes[0, i].imshow(maps.frame_mass[i].numpy(), cmap="magma")
-        axes[0, i].set_title(f"head {i}: {maps.patterns[i]}\nlocal {maps.local_recall[i]:.2f} "
-                             f"global {maps.global_recall[i]:.2f}", fontsize=8)
+        kept = " ".join(f"{name.replace('rainfusion', 'v')}: {recall[i]:.2f}" for name, recall in maps.mask_recall.items())
+        axes[0, i].set_title(f"head {i}: {maps.patterns[i]}\nARM local {maps.local_recall[i]:.2f} "
+                             f"global {maps.global_recall[i]:.2f}\nmask keeps {kept}", fontsize=7)
         axes[0, i].set(xlabel="key frame", ylabel="query frame")
         axes[1, i].imshow(maps.spatial[i].numpy(), cmap="magma")
         axes[1, i].set(xlabel="key x - query x", ylabel="key y - query y")
@@ -137,10 +158,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, maps in enumerate(layers):
         plot_layer(maps, f"demo model, self-attention layer {i}, noise {args.noise}", out / f"layer{i}.png")
-    summary = [dict(layer=i, patterns=m.patterns, local_recall=m.local_recall, global_recall=m.global_recall)
-               for i, m in enumerate(layers)]
+    summary = [dict(layer=i, patterns=m.patterns, local_recall=m.local_recall, global_recall=m.global_recall,
+                    mask_recall=m.mask_recall) for i, m in enumerate(layers)]
     (out / "patterns.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps([{"layer": s["layer"], "patterns": s["patterns"]} for s in summary]))
+    for s in summary:
+        recalls = "  ".join(f"{name} keeps {' '.join(f'{r:.2f}' for r in kept)}" for name, kept in s["mask_recall"].items())
+        print(f"layer {s['layer']}: {' '.join(s['patterns'])}  {recalls}")
 
 
 if __name__ == "__main__":

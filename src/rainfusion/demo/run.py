@@ -27,6 +27,7 @@ EMBEDDED = Path(__file__).parent / "weights" / "demo.safetensors"
 class Variant:
     name: str
     config: AnyConfig | None  # None: dense
+    skip_layers: tuple[int, ...] = ()  # self-attention layers kept dense
 
 
 def variants(quick: bool, block_size: int = 128) -> list[Variant]:
@@ -49,6 +50,16 @@ def variants(quick: bool, block_size: int = 128) -> list[Variant]:
     ]
 
 
+def sensitivity_variants(layers: int, block_size: int = 128) -> list[Variant]:
+    """Where the quality goes (dense first): v2 at 0.8 sparse in one layer only, each layer in
+    turn; v2 at 0.8 and v1 at 0.5 with half the steps dense."""
+    v2 = RainFusion2Config(block_size=block_size)
+    return [Variant("dense", None)] + [
+        Variant(f"rainfusion2 0.8 layer {i} only", v2, tuple(j for j in range(layers) if j != i)) for i in range(layers)
+    ] + [Variant("rainfusion2 0.8 warm-up 0.5", RainFusion2Config(block_size=block_size, warmup_fraction=0.5)),
+         Variant("rainfusion 0.5 warm-up 0.5", RainFusionConfig(block_size=block_size, warmup_fraction=0.5))]
+
+
 def _frames(videos: torch.Tensor) -> torch.Tensor:
     """[B, 3, T, S, S] in [-1, 1] -> [B, T, S, S, 3] in [0, 1] (what psnr / ssim take per clip)."""
     return ((videos.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
@@ -66,8 +77,8 @@ def run_demo(checkpoint: str | Path, *, variant_list: list[Variant], clips: int 
     captions = sample_captions(clips, model.spec, torch.Generator().manual_seed(seed)).to(device)
     rows, videos = [], {}
     for variant in variant_list:
-        controller = None if variant.config is None else apply_rainfusion(model.transformer, variant.config,
-                                                                          num_steps=steps)
+        controller = None if variant.config is None else apply_rainfusion(
+            model.transformer, variant.config, num_steps=steps, skip_layers=variant.skip_layers)
         started = time.perf_counter()
         latents = sample(model, captions, torch.Generator(device).manual_seed(seed), steps=steps, dtype=dtype)
         if latents.is_cuda:
@@ -146,7 +157,12 @@ def main_demo(args) -> int:
             raise ValueError(f"{name} must be >= 1, got {value}")
     print(f"demo: {clips} clips, {steps} steps, {args.device}")
     print(HEADER)
-    report, videos = run_demo(checkpoint, variant_list=variants(args.quick, args.block_size), clips=clips,
+    if args.sensitivity:
+        layers = load_checkpoint(str(checkpoint)).transformer_config["num_layers"]
+        variant_list = sensitivity_variants(layers, args.block_size)
+    else:
+        variant_list = variants(args.quick, args.block_size)
+    report, videos = run_demo(checkpoint, variant_list=variant_list, clips=clips,
                               seed=args.seed, steps=steps, device=args.device, dtype=dtype_for(args.dtype, args.device))
     for path in write_outputs(report, videos, Path(args.out)):
         print(f"wrote {path}")
