@@ -75,15 +75,21 @@ def save_checkpoint(model: DemoVideoModel, path: str, dtype: torch.dtype = torch
     save_file(tensors, path, metadata=metadata)
 
 
-def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DemoVideoModel:
-    """A DemoVideoModel from ``save_checkpoint``'s file, in ``dtype`` on ``device``, in eval mode."""
+def checkpoint_config(path: str) -> tuple[VideoSpec, dict]:
+    """The clip spec and transformer configuration of ``save_checkpoint``'s file (no weights read)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     transformer = json.loads(metadata["transformer"])
     transformer["patch_size"] = tuple(transformer["patch_size"])
-    model = DemoVideoModel(VideoSpec(**json.loads(metadata["spec"])), transformer)
+    return VideoSpec(**json.loads(metadata["spec"])), transformer
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DemoVideoModel:
+    """A DemoVideoModel from ``save_checkpoint``'s file, in ``dtype`` on ``device``, in eval mode."""
+    from safetensors.torch import load_file
+
+    model = DemoVideoModel(*checkpoint_config(path))
     model.load_state_dict(load_file(path))
     return model.to(device, dtype).eval()

@@ -17,7 +17,7 @@ import torch
 from ..config import AnyConfig, RainFusion2Config, RainFusionConfig
 from ..generate import psnr, ssim, summarize_history
 from .flow import sample
-from .model import from_latents, load_checkpoint
+from .model import checkpoint_config, from_latents, load_checkpoint
 from .videos import caption_text, sample_captions
 
 EMBEDDED = Path(__file__).parent / "weights" / "demo.safetensors"
@@ -158,8 +158,7 @@ def main_demo(args) -> int:
     print(f"demo: {clips} clips, {steps} steps, {args.device}")
     print(HEADER)
     if args.sensitivity:
-        layers = load_checkpoint(str(checkpoint)).transformer_config["num_layers"]
-        variant_list = sensitivity_variants(layers, args.block_size)
+        variant_list = sensitivity_variants(checkpoint_config(str(checkpoint))[1]["num_layers"], args.block_size)
     else:
         variant_list = variants(args.quick, args.block_size)
     report, videos = run_demo(checkpoint, variant_list=variant_list, clips=clips,
