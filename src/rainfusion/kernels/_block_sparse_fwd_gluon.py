@@ -1,0 +1,173 @@
+"""Block-sparse attention forward for Hopper in Gluon, FlashAttention-3 style (experimental).
+
+One program computes one 128-row query block of one (batch, head) with three partitions: a
+loader warp that brings the listed K/V tiles into a ring of shared-memory stages with TMA, and
+two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmmas and waits
+only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
+barrier in the loop). A stage is refilled once both consumers have released it.
+
+Limits of this version: D = 128, mask blocks and key tiles of 128, bf16/fp16, no per-item
+valid key count (HunyuanVideo's padding goes to the Triton kernel).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
+
+
+@gluon.jit
+def _kv_block(index_row, slot, stride_iw, is_full):
+    """The key block of a mask row's slot (full rows list every block and read no table)."""
+    listed = gl.load(index_row + slot * stride_iw, mask=is_full == 0, other=0)
+    return gl.where(is_full, slot, listed)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+            index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """Loader partition (one warp): the two halves of the query block, then K and V tiles."""
+    for half in gl.static_range(2):
+        mbarrier.expect(q_ready.index(half), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_start + half * ROWS_PER_CONSUMER, 0], q_ready.index(half),
+                                        q_smem.index(half))
+    for it in range(count):
+        stage = it % STAGES
+        phase = (it // STAGES) & 1
+        start = _kv_block(index_row, it, stride_iw, is_full) * BLOCK
+        mbarrier.wait(kv_empty.index(stage), phase ^ 1)  # a fresh barrier passes parity 1 at once
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [start, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [start, 0], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                 MASK_KEYS: gl.constexpr):
+    """One online-softmax step over tile ``it``; keys at column >= ``key_limit`` are masked."""
+    stage = it % STAGES
+    phase = (it // STAGES) & 1
+    mbarrier.wait(k_ready.index(stage), phase)
+    k = k_smem.index(stage)
+    s = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.float32, s_layout),
+                      use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    if MASK_KEYS:
+        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
+    p = gl.exp2(s * qk_scale_log2 - m_ref[:, None])
+    alpha = gl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = v_smem.index(stage)
+    p_op = gl.convert_layout(p.to(v.dtype), p_layout)
+    mbarrier.wait(v_ready.index(stage), phase)
+    acc = warpgroup_mma(p_op, v, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(kv_empty.index(stage), count=1)
+    return acc, l_i, m_new
+
+
+@gluon.jit
+def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+              lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len, qk_scale_log2,
+              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
+    """Consumer partition (one warpgroup): 64 query rows against every listed tile."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    m_i = gl.full([ROWS_PER_CONSUMER], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([ROWS_PER_CONSUMER], gl.float32, row_layout)
+    acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
+    mbarrier.wait(q_ready.index(half), 0)
+    q = q_smem.index(half)
+    # listed blocks ascend, so only the last can hold the key tail
+    for it in range(count - 1):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
+                                     qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
+    if count > 0:
+        last = count - 1
+        key_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last, key_limit,
+                                     qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=True)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    empty = l_o == 0.0  # rows that saw no key output 0
+    out = acc / gl.where(empty, 1.0, l_o)[:, None]
+    rows = q_start + half * ROWS_PER_CONSUMER + gl.arange(0, ROWS_PER_CONSUMER, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :]
+    gl.store(ptrs, out.to(out_base.dtype.element_ty), mask=(rows < q_len)[:, None])
+    if RETURN_LSE:
+        lse = gl.where(empty, float("-inf"), (gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
+                                              + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+        gl.store(lse_base + rows.to(gl.int64) * stride_ln, lse, mask=rows < q_len)
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
+def block_sparse_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh, stride_ln,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_iw,
+    num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
+    HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+):
+    """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
+    [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width].
+    Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
+    q_block = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = (pid_bh // num_heads).to(gl.int64)
+    h = (pid_bh % num_heads).to(gl.int64)
+    row = q_block.to(gl.int64)
+    q_start = q_block * BLOCK
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                        strides=[stride_qn, 1], block_shape=[ROWS_PER_CONSUMER, HEAD_DIM],
+                                        layout=tile_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_kn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS_PER_CONSUMER, HEAD_DIM], tile_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+
+    index_row = indices_ptr + b * stride_ib + h * stride_ih + row * stride_im
+    count = gl.load(counts_ptr + b * stride_cb + h * stride_ch + row * stride_cm)
+    is_full = count == kv_blocks
+    out_base = out_ptr + b * stride_ob + h * stride_oh
+    lse_base = lse_ptr + b * stride_lb + h * stride_lh
+    gl.warp_specialize([
+        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                   index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
+    ], [4, 1], [232, 40])
