@@ -33,7 +33,8 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
 def main() -> None:
     print(torch.cuda.get_device_name())
     gluon = "--gluon" in sys.argv[1:]
-    shapes = [(h, n, d, [block_sparse._CONFIGS[(128, d)], "gluon"]) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
+    variants = [block_sparse._CONFIGS[(128, 128)], "gluon", "gluon-overlap"]
+    shapes = [(h, n, d, variants) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
     rows = []
     for heads, n, d, settings in shapes:
         q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -44,8 +45,9 @@ def main() -> None:
         print(f"H={heads} N={n} D={d}: cuDNN {cudnn:.2f} ms ({flops / cudnn / 1e9:.0f} TFLOP/s)", flush=True)
         masks = {density: random_block_mask(1, heads, n, density) for density in (1.0, 0.2)}
         for setting in settings or SETTINGS[d]:
-            block_sparse.USE_GLUON_ON_HOPPER = setting == "gluon"
-            if setting != "gluon":
+            block_sparse.USE_GLUON_ON_HOPPER = isinstance(setting, str)
+            block_sparse.GLUON_OVERLAP = setting == "gluon-overlap"
+            if not isinstance(setting, str):
                 block_sparse._CONFIGS[(128, d)] = setting
             label = f"N={n} {setting}"
             try:

@@ -1,25 +1,34 @@
-"""The Gluon (Hopper) block-sparse forward against the float64 oracle, on an H100 only: forced on
-through ``block_sparse.USE_GLUON_ON_HOPPER``; each case checks that the Gluon path was taken."""
+"""The Gluon (Hopper) block-sparse forward: compiled for sm_90 on any machine (no spills, one
+program per SM), and against the float64 oracle on an H100 only, forced on through
+``block_sparse.USE_GLUON_ON_HOPPER``; each GPU case checks that the Gluon path was taken."""
 
 import pytest
 import torch
 
-from test_kernel_triton import _assert_lse_close, _mask, _qkv, _reference, _sdpa_error
+from test_kernel_triton import _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report
 from rainfusion.kernels import block_sparse
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton
 from rainfusion.reference import relative_l2, token_mask
 
-pytestmark = pytest.mark.gpu
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.fixture(autouse=True)
-def gluon_on(monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gluon_kernel_compiles_for_sm90_without_spills(overlap):
+    _, stack, shared, report = kernel_report(["--gluon"] + (["--overlap"] if overlap else []))
+    assert stack == 0 and "LDL 0, STL 0" in report and shared <= 227 * 1024, report
+
+
+@pytest.fixture(params=[False, True], ids=["in-order", "overlapped"])
+def gluon_on(monkeypatch, request):
     if not HOPPER:
         pytest.skip("needs an sm_90 GPU")
     monkeypatch.setattr(block_sparse, "USE_GLUON_ON_HOPPER", True)
+    monkeypatch.setattr(block_sparse, "GLUON_OVERLAP", request.param)
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("gluon_on")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, density, bnhd", [(4000, 0.3, False), (4096, 1.0, True), (1000, 0.5, False),
                                               (130, 1.0, True)])
@@ -35,6 +44,8 @@ def test_gluon_matches_reference(dtype, n, density, bnhd):
     _assert_lse_close(lse, want_lse, atol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("gluon_on")
 def test_gluon_large_logits_and_determinism():
     b, h, n, d = 1, 2, 4000, 128
     q, k, v = _qkv(b, h, n, n, d, torch.float16, seed=6)

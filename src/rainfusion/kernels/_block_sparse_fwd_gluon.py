@@ -44,40 +44,81 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_
 
 
 @gluon.jit
-def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
-                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-                 MASK_KEYS: gl.constexpr):
-    """One online-softmax step over tile ``it``; keys at column >= ``key_limit`` are masked."""
-    stage = it % STAGES
-    phase = (it // STAGES) & 1
-    mbarrier.wait(k_ready.index(stage), phase)
-    k = k_smem.index(stage)
-    s = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.float32, s_layout),
-                      use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
+def _issue_qk(q, k_smem, k_ready, it, s_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """Start S = Q K^T of tile ``it`` once its K has landed (asynchronous: wait before use)."""
+    mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+    k = k_smem.index(it % STAGES)
+    return warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.float32, s_layout),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr):
+    """Start acc += P V of tile ``it`` once its V has landed (asynchronous)."""
+    mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
+    return warpgroup_mma(p, v_smem.index(it % STAGES), acc, is_async=True)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr):
+    """Online softmax of scores s [64, BLOCK]: (P in float32, in place of s; the rescale factor
+    of the accumulator; l; m); keys at column >= ``key_limit`` are masked."""
     if MASK_KEYS:
-        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
     p = gl.exp2(s * qk_scale_log2 - m_ref[:, None])
     alpha = gl.exp2(m_i - m_ref)
     l_i = l_i * alpha + gl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = v_smem.index(stage)
-    p_op = gl.convert_layout(p.to(v.dtype), p_layout)
-    mbarrier.wait(v_ready.index(stage), phase)
-    acc = warpgroup_mma(p_op, v, acc, is_async=True)
+    return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
+    """P as the register operand of the P V product (a register shuffle, no shared memory)."""
+    return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                 MASK_KEYS: gl.constexpr):
+    """One tile, in order: S = Q K^T, softmax, acc += P V, release the stage."""
+    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES),))
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
+    acc = _issue_pv(_mma_operand(p, k_smem.dtype, p_layout), acc * alpha[:, None], v_smem, v_ready, it, STAGES)
     acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(kv_empty.index(stage), count=1)
-    return acc, l_i, m_new
+    mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _attend_tile_overlapped(acc, l_i, m_i, p_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit,
+                            qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
+                            STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
+    """FA3's in-warpgroup pipelining: S of tile ``it`` and acc += P V of tile ``it - 1`` are both
+    issued, then the softmax of tile ``it`` runs (in float32, in the registers of S) while the
+    P V product is in flight. ``acc`` comes in scaled for tile ``it - 1`` and leaves scaled for
+    tile ``it``; returns this tile's P operand. It is written only after the wait: it lives in
+    the registers that the P V product in flight reads (a loop-carried value), so writing it
+    earlier would make the compiler wait before the softmax."""
+    s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
+    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
+    s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
+    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+    mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+    return acc * alpha[:, None], l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout)
 
 
 @gluon.jit
 def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
               lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len, qk_scale_log2,
-              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
-    """Consumer partition (one warpgroup): 64 query rows against every listed tile."""
+              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+              OVERLAP: gl.constexpr):
+    """Consumer partition (one warpgroup): 64 query rows against every listed tile. Listed blocks
+    ascend, so only the last tile can hold the key tail and only it is masked."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -89,15 +130,32 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
-    # listed blocks ascend, so only the last can hold the key tail
-    for it in range(count - 1):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
-                                     qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
-    if count > 0:
-        last = count - 1
-        key_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last, key_limit,
-                                     qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=True)
+    last = count - 1
+    last_limit = kv_len - _kv_block(index_row, gl.maximum(last, 0), stride_iw, is_full) * BLOCK
+    if OVERLAP:
+        if count > 0:
+            s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES),))
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, gl.where(last == 0, last_limit, BLOCK), qk_scale_log2,
+                                               BLOCK, MASK_KEYS=True)
+            p = _mma_operand(p, k_smem.dtype, p_layout)
+            for it in range(1, last):
+                acc, l_i, m_i, p = _attend_tile_overlapped(acc, l_i, m_i, p, q, k_smem, v_smem, k_ready, v_ready,
+                                                           kv_empty, it, BLOCK, qk_scale_log2, s_layout, p_layout,
+                                                           BLOCK, STAGES, MASK_KEYS=False)
+            if last > 0:
+                acc, l_i, m_i, p = _attend_tile_overlapped(acc, l_i, m_i, p, q, k_smem, v_smem, k_ready, v_ready,
+                                                           kv_empty, last, last_limit, qk_scale_log2, s_layout,
+                                                           p_layout, BLOCK, STAGES, MASK_KEYS=True)
+            acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, acc, v_smem, v_ready, last, STAGES),))
+            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+    else:
+        for it in range(last):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
+                                         qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
+        if count > 0:
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last,
+                                         last_limit, qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
+                                         MASK_KEYS=True)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     empty = l_o == 0.0  # rows that saw no key output 0
     out = acc / gl.where(empty, 1.0, l_o)[:, None]
@@ -123,6 +181,7 @@ def block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_iw,
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+    OVERLAP: gl.constexpr,  # FA3's in-warpgroup pipelining (QK of a tile under the previous P V)
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
     [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width].
@@ -164,10 +223,10 @@ def block_sparse_fwd_kernel(
     gl.warp_specialize([
         (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
                      lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP)),
         (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
                      lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                    index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
     ], [4, 1], [232, 40])
