@@ -94,22 +94,21 @@ def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, i
 
 
 @gluon.jit
-def _attend_tile_overlapped(acc, l_i, m_i, p_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit,
-                            qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
-                            STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
-    """FA3's in-warpgroup pipelining: S of tile ``it`` and acc += P V of tile ``it - 1`` are both
-    issued, then the softmax of tile ``it`` runs (in float32, in the registers of S) while the
-    P V product is in flight. ``acc`` comes in scaled for tile ``it - 1`` and leaves scaled for
-    tile ``it``; returns this tile's P operand. It is written only after the wait: it lives in
-    the registers that the P V product in flight reads (a loop-carried value), so writing it
-    earlier would make the compiler wait before the softmax."""
+def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it,
+                            key_limit, qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                            BLOCK: gl.constexpr, STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
+    """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
+    ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
+    ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
+    this tile's P operand and rescale factor for the next step. P is written only after the
+    wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
-    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
+    acc = _issue_pv(p_prev, acc * alpha_prev[:, None], v_smem, v_ready, it - 1, STAGES)
     s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
     p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    return acc * alpha[:, None], l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout)
+    return acc, l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout), alpha
 
 
 @gluon.jit
@@ -139,14 +138,16 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                                BLOCK, MASK_KEYS=True)
             p = _mma_operand(p, k_smem.dtype, p_layout)
             for it in range(1, last):
-                acc, l_i, m_i, p = _attend_tile_overlapped(acc, l_i, m_i, p, q, k_smem, v_smem, k_ready, v_ready,
-                                                           kv_empty, it, BLOCK, qk_scale_log2, s_layout, p_layout,
-                                                           BLOCK, STAGES, MASK_KEYS=False)
+                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
+                                                                  k_ready, v_ready, kv_empty, it, BLOCK,
+                                                                  qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
+                                                                  MASK_KEYS=False)
             if last > 0:
-                acc, l_i, m_i, p = _attend_tile_overlapped(acc, l_i, m_i, p, q, k_smem, v_smem, k_ready, v_ready,
-                                                           kv_empty, last, last_limit, qk_scale_log2, s_layout,
-                                                           p_layout, BLOCK, STAGES, MASK_KEYS=True)
-            acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, acc, v_smem, v_ready, last, STAGES),))
+                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
+                                                                  k_ready, v_ready, kv_empty, last, last_limit,
+                                                                  qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
+                                                                  MASK_KEYS=True)
+            acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, acc * alpha[:, None], v_smem, v_ready, last, STAGES),))
             mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     else:
         for it in range(last):
