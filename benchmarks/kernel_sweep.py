@@ -33,7 +33,7 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
 def main() -> None:
     print(torch.cuda.get_device_name())
     gluon = "--gluon" in sys.argv[1:]
-    variants = [block_sparse._CONFIGS[(128, 128)], "gluon", "gluon-overlap"]
+    variants = [block_sparse._CONFIGS[(128, 128)], "gluon", "gluon-overlap", "gluon-pingpong"]
     shapes = [(h, n, d, variants) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
     rows = []
     for heads, n, d, settings in shapes:
@@ -47,6 +47,7 @@ def main() -> None:
         for setting in settings or SETTINGS[d]:
             block_sparse.USE_GLUON_ON_HOPPER = isinstance(setting, str)
             block_sparse.GLUON_OVERLAP = setting == "gluon-overlap"
+            block_sparse.GLUON_PINGPONG = setting == "gluon-pingpong"
             if not isinstance(setting, str):
                 block_sparse._CONFIGS[(128, d)] = setting
             label = f"N={n} {setting}"

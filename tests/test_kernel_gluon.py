@@ -13,18 +13,19 @@ from rainfusion.reference import relative_l2, token_mask
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_gluon_kernel_compiles_for_sm90_without_spills(overlap):
-    _, stack, shared, report = kernel_report(["--gluon"] + (["--overlap"] if overlap else []))
+@pytest.mark.parametrize("variant", [[], ["--overlap"], ["--pingpong"]])
+def test_gluon_kernel_compiles_for_sm90_without_spills(variant):
+    _, stack, shared, report = kernel_report(["--gluon", *variant])
     assert stack == 0 and "LDL 0, STL 0" in report and shared <= 227 * 1024, report
 
 
-@pytest.fixture(params=[False, True], ids=["in-order", "overlapped"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)], ids=["in-order", "overlapped", "pingpong"])
 def gluon_on(monkeypatch, request):
     if not HOPPER:
         pytest.skip("needs an sm_90 GPU")
     monkeypatch.setattr(block_sparse, "USE_GLUON_ON_HOPPER", True)
-    monkeypatch.setattr(block_sparse, "GLUON_OVERLAP", request.param)
+    monkeypatch.setattr(block_sparse, "GLUON_OVERLAP", request.param[0])
+    monkeypatch.setattr(block_sparse, "GLUON_PINGPONG", request.param[1])
 
 
 @pytest.mark.gpu

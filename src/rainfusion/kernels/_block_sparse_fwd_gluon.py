@@ -5,6 +5,9 @@ loader warp that brings the listed K/V tiles into a ring of shared-memory stages
 two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmmas and waits
 only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
 barrier in the loop). A stage is refilled once both consumers have released it.
+``OVERLAP`` pipelines each consumer's loop as FA3 does (the scores of a tile are computed while
+the previous tile's P V product runs; 3 stages then, as a stage is released one tile later) and
+``PINGPONG`` makes the two consumers take turns issuing their products (mbarriers "turn").
 
 Limits of this version: D = 128, mask blocks and key tiles of 128, bf16/fp16, no per-item
 valid key count (HunyuanVideo's padding goes to the Triton kernel).
@@ -81,6 +84,21 @@ def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
 
 
 @gluon.jit
+def _take_turn(turn, half, k, PINGPONG: gl.constexpr):
+    """Ping-pong (FA3): consumer ``half`` issues its k-th pair of products only after the other
+    consumer issued its (k - half)-th, so one warpgroup's softmax runs under the other's products.
+    A fresh barrier passes parity 1 at once: consumer 0 goes first."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(half), (k & 1) ^ (1 - half))
+
+
+@gluon.jit
+def _pass_turn(turn, half, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - half), count=1)
+
+
+@gluon.jit
 def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
                  s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
                  MASK_KEYS: gl.constexpr):
@@ -94,16 +112,20 @@ def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, i
 
 
 @gluon.jit
-def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it,
-                            key_limit, qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr,
-                            BLOCK: gl.constexpr, STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
+def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+                            half, it, key_limit, qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                            BLOCK: gl.constexpr, STAGES: gl.constexpr, MASK_KEYS: gl.constexpr,
+                            PINGPONG: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
     ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
     ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
     this tile's P operand and rescale factor for the next step. P is written only after the
     wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
+    acc = acc * alpha_prev[:, None]
+    _take_turn(turn, half, it, PINGPONG)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
-    acc = _issue_pv(p_prev, acc * alpha_prev[:, None], v_smem, v_ready, it - 1, STAGES)
+    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
+    _pass_turn(turn, half, PINGPONG)
     s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
     p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
@@ -112,10 +134,10 @@ def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem
 
 
 @gluon.jit
-def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
               lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len, qk_scale_log2,
               BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OVERLAP: gl.constexpr):
+              OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile. Listed blocks
     ascend, so only the last tile can hold the key tail and only it is masked."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -133,21 +155,28 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     last_limit = kv_len - _kv_block(index_row, gl.maximum(last, 0), stride_iw, is_full) * BLOCK
     if OVERLAP:
         if count > 0:
-            s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES),))
+            _take_turn(turn, half, 0, PINGPONG)
+            s = _issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES)
+            _pass_turn(turn, half, PINGPONG)
+            s = warpgroup_mma_wait(0, deps=(s,))
             p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, gl.where(last == 0, last_limit, BLOCK), qk_scale_log2,
                                                BLOCK, MASK_KEYS=True)
             p = _mma_operand(p, k_smem.dtype, p_layout)
             for it in range(1, last):
                 acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
-                                                                  k_ready, v_ready, kv_empty, it, BLOCK,
+                                                                  k_ready, v_ready, kv_empty, turn, half, it, BLOCK,
                                                                   qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
-                                                                  MASK_KEYS=False)
+                                                                  MASK_KEYS=False, PINGPONG=PINGPONG)
             if last > 0:
                 acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
-                                                                  k_ready, v_ready, kv_empty, last, last_limit,
-                                                                  qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
-                                                                  MASK_KEYS=True)
-            acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, acc * alpha[:, None], v_smem, v_ready, last, STAGES),))
+                                                                  k_ready, v_ready, kv_empty, turn, half, last,
+                                                                  last_limit, qk_scale_log2, s_layout, p_layout, BLOCK,
+                                                                  STAGES, MASK_KEYS=True, PINGPONG=PINGPONG)
+            acc = acc * alpha[:, None]
+            _take_turn(turn, half, count, PINGPONG)
+            acc = _issue_pv(p, acc, v_smem, v_ready, last, STAGES)
+            _pass_turn(turn, half, PINGPONG)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     else:
         for it in range(last):
@@ -183,6 +212,7 @@ def block_sparse_fwd_kernel(
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
     OVERLAP: gl.constexpr,  # FA3's in-warpgroup pipelining (QK of a tile under the previous P V)
+    PINGPONG: gl.constexpr,  # with OVERLAP: the two consumers take turns issuing their products
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
     [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width].
@@ -209,8 +239,10 @@ def block_sparse_fwd_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -222,12 +254,12 @@ def block_sparse_fwd_kernel(
     out_base = out_ptr + b * stride_ob + h * stride_oh
     lse_base = lse_ptr + b * stride_lb + h * stride_lh
     gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
                      lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP)),
-        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on,
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
+        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
                      lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP)),
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                    index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
     ], [4, 1], [232, 40])

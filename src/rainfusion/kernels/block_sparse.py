@@ -70,6 +70,7 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 # it is measured against kernel v3 on the H100 (benchmarks/NOTES.md)
 USE_GLUON_ON_HOPPER = os.environ.get("RAINFUSION_GLUON") == "1"
 GLUON_OVERLAP = False  # FA3's in-warpgroup pipelining; ptxas still waits before the softmax (NOTES.md)
+GLUON_PINGPONG = False  # with GLUON_OVERLAP: the two consumer warpgroups take turns issuing products
 
 
 def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,
@@ -123,7 +124,9 @@ def _block_sparse_attention_op(
             value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
-            HEAD_DIM=d, BLOCK=block_size, STAGES=2, RETURN_LSE=return_lse, OVERLAP=GLUON_OVERLAP, num_warps=4,
+            # the pipelined loop frees a stage one tile later: 3 stages (225 KB) keep one tile in flight
+            HEAD_DIM=d, BLOCK=block_size, STAGES=3 if GLUON_OVERLAP or GLUON_PINGPONG else 2, RETURN_LSE=return_lse,
+            OVERLAP=GLUON_OVERLAP or GLUON_PINGPONG, PINGPONG=GLUON_PINGPONG, num_warps=4,
         )
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
