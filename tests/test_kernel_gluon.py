@@ -8,6 +8,7 @@ import torch
 from test_kernel_triton import _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report
 from rainfusion.kernels import block_sparse
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton
+from rainfusion.mask import BlockSparseMask
 from rainfusion.reference import relative_l2, token_mask
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -57,3 +58,18 @@ def test_gluon_large_logits_and_determinism():
     assert torch.equal(out, block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5))
     want, _ = _reference(q, k, v, mask, d**-0.5)
     assert relative_l2(out, want) <= 2 * _sdpa_error(q, k, v, token_mask(mask), d**-0.5, want) + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("gluon_on")
+def test_gluon_full_and_empty_rows_with_an_empty_table():
+    """Rows all full or empty: the index table has width 0 and must not be read."""
+    n, d = 600, 128
+    q, k, v = _qkv(1, 2, n, n, d, torch.bfloat16, seed=3)
+    counts = torch.tensor([5, 0, 5, 0, 5], dtype=torch.int32, device="cuda").expand(1, 2, 5)
+    mask = BlockSparseMask(counts, torch.empty(1, 2, 5, 0, dtype=torch.int32, device="cuda"), n, n, 128)
+    out, lse = block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5, return_lse=True)
+    want, want_lse = _reference(q, k, v, mask, d**-0.5)
+    assert relative_l2(out, want) <= 2 * _sdpa_error(q, k, v, token_mask(mask), d**-0.5, want) + 1e-3
+    assert torch.equal(out[:, :, 128:256], torch.zeros_like(out[:, :, 128:256]))
+    _assert_lse_close(lse, want_lse, atol=2e-3)

@@ -152,9 +152,9 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
     last = count - 1
-    last_limit = kv_len - _kv_block(index_row, gl.maximum(last, 0), stride_iw, is_full) * BLOCK
     if OVERLAP:
-        if count > 0:
+        if count > 0:  # (an empty row reads no table entry: the table may have width 0)
+            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
             _take_turn(turn, half, 0, PINGPONG)
             s = _issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES)
             _pass_turn(turn, half, PINGPONG)
@@ -183,6 +183,7 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
                                          qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
         if count > 0:
+            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last,
                                          last_limit, qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
                                          MASK_KEYS=True)
