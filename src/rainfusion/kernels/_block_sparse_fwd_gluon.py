@@ -15,7 +15,9 @@ valid key count (HunyuanVideo's padding goes to the Triton kernel).
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
 
 ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
 
@@ -248,6 +250,7 @@ def block_sparse_fwd_kernel(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+    fence_async_shared()  # the initialised barriers are visible to TMA before the first copy
 
     index_row = indices_ptr + b * stride_ib + h * stride_ih + row * stride_im
     count = gl.load(counts_ptr + b * stride_cb + h * stride_ch + row * stride_cm)
