@@ -1,9 +1,9 @@
 """Launch-setting sweep of our Triton kernel on a GPU at density 1.0 and 0.2: query rows per
 program, key tile, warps, stages and register cap (2 programs per SM need <= 128 registers at 8
 warps). Each setting is checked against SDPA (density 1) before it is timed. ``--gluon``: the
-Gluon kernel against kernel v3 at D = 128 instead of the sweep.
+Gluon kernel against kernel v3 at D = 128 instead of the sweep (all variants, or those named).
 
-    python benchmarks/kernel_sweep.py [--gluon]
+    python benchmarks/kernel_sweep.py [--gluon [in-order] [overlapped] [pingpong]]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
 def main() -> None:
     print(torch.cuda.get_device_name())
     gluon = "--gluon" in sys.argv[1:]
-    variants = [block_sparse._CONFIGS[(128, 128)], "gluon", "gluon-overlap", "gluon-pingpong"]
+    names = {"in-order": "gluon", "overlapped": "gluon-overlap", "pingpong": "gluon-pingpong"}
+    chosen = [names[arg] for arg in sys.argv[1:] if arg in names] or list(names.values())
+    variants = [block_sparse._CONFIGS[(128, 128)], *chosen]
     shapes = [(h, n, d, variants) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
     rows = []
     for heads, n, d, settings in shapes:
