@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo] [extra args for the script or pytest]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon] [extra args for the script or pytest]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -41,6 +41,15 @@ if [ "$what" = demo ]; then  # the demo's quality run and attention maps on a ch
   PYTHONUNBUFFERED=1 timeout 330 python3 -m rainfusion.cli demo --checkpoint "$ckpt" --out /tmp/demo/run "${@:2}" 2>&1 | grep -v Warning | tail -30
   timeout 90 python3 -m rainfusion.demo.analysis --checkpoint "$ckpt" --out /tmp/demo/maps 2>&1 | grep -v Warning | tail -5
   tar -C /tmp/demo -cf "$out/demo.tar" .
+fi
+if [ "$what" = gluon ]; then  # the Gluon kernel (branch gluon-kernel): tests first (a hang ends at the timeout), then timings
+  passed=""
+  for variant in in-order overlapped pingpong; do  # one variant at a time: a hang costs its own timeout only
+    echo "== gluon $variant"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -k "$variant" -m gpu tests/test_kernel_gluon.py > /tmp/gluon.log 2>&1 \
+      && passed="$passed $variant"; tail -6 /tmp/gluon.log
+  done
+  [ -n "$passed" ] && (cd benchmarks && timeout 240 python3 kernel_sweep.py --gluon $passed 2>&1 | grep -v Warning | tail -20)
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8

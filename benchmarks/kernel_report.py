@@ -1,8 +1,9 @@
-"""Compile our Triton kernel for an H100 (sm_90) on any machine, no GPU needed, and report what
-the compiler made of it: registers, spills, shared memory, and counts of the instructions that
-matter (wgmma, exponentials, waits, CTA barriers, local-memory traffic). The SASS goes to --out.
+"""Compile our Triton kernel (or, with --gluon, the Gluon one) for an H100 (sm_90) on any machine,
+no GPU needed, and report what the compiler made of it: registers, spills, shared memory, and
+counts of the instructions that matter (wgmma, exponentials, waits, CTA barriers, local-memory
+traffic). The SASS goes to --out.
 
-    python benchmarks/kernel_report.py [--head-dim 128] [--out /tmp/kernel]
+    python benchmarks/kernel_report.py [--head-dim 128] [--gluon [--overlap | --pingpong]] [--out /tmp/kernel]
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rainfusion.kernels import _block_sparse_fwd, block_sparse
+from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block_sparse
 
-INSTRUCTIONS = ["HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "LDL", "STL"]
+INSTRUCTIONS = ["HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
 POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32"}
 
@@ -25,10 +26,26 @@ POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32"
 def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, num_stages: int,
                      maxnreg: int | None, use_tma: bool = True, dtype: str = "bf16"):
     """The kernel as launched on [B, H, N, D] tensors with unit head-dim strides, 128-token blocks."""
-    fn = _block_sparse_fwd.block_sparse_fwd_kernel
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=128, BLOCK_Q=block_q,
                      BLOCK_N=block_n, HAS_KV_VALID=False, RETURN_LSE=False, USE_TMA=use_tma,
                      **{name: 1 for name in UNIT_STRIDES})
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _compile(_block_sparse_fwd.block_sparse_fwd_kernel, ASTSource, constants, dtype, options)
+
+
+def compile_gluon_for_sm90(overlap: bool, pingpong: bool = False, dtype: str = "bf16"):
+    """The Gluon kernel (D = 128) as launched (3 stages for the pipelined loop), like ``compile_for_sm90``."""
+    stages = 3 if overlap or pingpong else 2
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    constants = dict(HEAD_DIM=128, BLOCK=128, STAGES=stages, RETURN_LSE=False, OVERLAP=overlap or pingpong,
+                     PINGPONG=pingpong, stride_iw=1, stride_ln=1)
+    return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
+                    dict(num_warps=4))
+
+
+def _compile(fn, source, constants: dict, dtype: str, options: dict):
+    """triton.compile for sm_90 with pointers typed by name, the rest int32 (scale fp32)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
@@ -40,19 +57,25 @@ def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, 
             signature[name] = "fp32" if name == "qk_scale_log2" else "i32"
         if name.endswith("_ptr") or name.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options)
+    return triton.compile(source(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128, choices=block_sparse.HEAD_DIMS)
+    parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (D = 128) instead")
+    parser.add_argument("--overlap", action="store_true", help="with --gluon: its in-warpgroup pipelined loop")
+    parser.add_argument("--pingpong", action="store_true", help="with --gluon: the pipelined loop, consumers in turn")
     parser.add_argument("--out", default="/tmp/rainfusion-kernel", help="folder for the cubin and SASS")
     args = parser.parse_args()
-    block_q, block_n, num_warps, num_stages, maxnreg = block_sparse._CONFIGS[
-        (128, triton.next_power_of_2(args.head_dim))]
-    kernel = compile_for_sm90(args.head_dim, block_q, block_n, num_warps, num_stages, maxnreg)
+    if args.gluon:
+        kernel = compile_gluon_for_sm90(args.overlap, args.pingpong)
+        setting = f"Gluon, overlap={args.overlap or args.pingpong}, pingpong={args.pingpong}"
+    else:
+        block_q, block_n, num_warps, num_stages, maxnreg = block_sparse._CONFIGS[
+            (128, triton.next_power_of_2(args.head_dim))]
+        kernel = compile_for_sm90(args.head_dim, block_q, block_n, num_warps, num_stages, maxnreg)
+        setting = f"(BLOCK_Q, BLOCK_N, warps, stages, maxnreg) = {(block_q, block_n, num_warps, num_stages, maxnreg)}"
     os.makedirs(args.out, exist_ok=True)
     cubin = os.path.join(args.out, "block_sparse_fwd.cubin")
     with open(cubin, "wb") as f:
@@ -65,8 +88,7 @@ def main() -> None:
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                            text=True, check=True).stdout
     registers, stack = (usage.split(key)[1].split()[0] for key in ("REG:", "STACK:"))
-    print(f"D={args.head_dim} (BLOCK_Q, BLOCK_N, warps, stages, maxnreg) = "
-          f"{(block_q, block_n, num_warps, num_stages, maxnreg)}: {registers} registers, stack {stack} B, "
+    print(f"D={128 if args.gluon else args.head_dim} {setting}: {registers} registers, stack {stack} B, "
           f"shared memory {kernel.metadata.shared} B")
     print("  " + ", ".join(f"{name} {sass.count(name)}" for name in INSTRUCTIONS))
     print(f"  SASS: {cubin.replace('.cubin', '.sass')}")

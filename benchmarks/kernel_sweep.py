@@ -1,11 +1,14 @@
 """Launch-setting sweep of our Triton kernel on a GPU at density 1.0 and 0.2: query rows per
 program, key tile, warps, stages and register cap (2 programs per SM need <= 128 registers at 8
-warps). Each setting is checked against SDPA (density 1) before it is timed.
+warps). Each setting is checked against SDPA (density 1) before it is timed. ``--gluon``: the
+Gluon kernel against kernel v3 at D = 128 instead of the sweep (all variants, or those named).
 
-    python benchmarks/kernel_sweep.py
+    python benchmarks/kernel_sweep.py [--gluon [in-order] [overlapped] [pingpong]]
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +32,13 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
 
 def main() -> None:
     print(torch.cuda.get_device_name())
+    gluon = "--gluon" in sys.argv[1:]
+    names = {"in-order": "gluon", "overlapped": "gluon-overlap", "pingpong": "gluon-pingpong"}
+    chosen = [names[arg] for arg in sys.argv[1:] if arg in names] or list(names.values())
+    variants = [block_sparse._CONFIGS[(128, 128)], *chosen]
+    shapes = [(h, n, d, variants) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
     rows = []
-    for heads, n, d, settings in SHAPES:
+    for heads, n, d, settings in shapes:
         q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             reference = F.scaled_dot_product_attention(q, k, v).float()
@@ -39,7 +47,11 @@ def main() -> None:
         print(f"H={heads} N={n} D={d}: cuDNN {cudnn:.2f} ms ({flops / cudnn / 1e9:.0f} TFLOP/s)", flush=True)
         masks = {density: random_block_mask(1, heads, n, density) for density in (1.0, 0.2)}
         for setting in settings or SETTINGS[d]:
-            block_sparse._CONFIGS[(128, d)] = setting
+            block_sparse.USE_GLUON_ON_HOPPER = isinstance(setting, str)
+            block_sparse.GLUON_OVERLAP = setting == "gluon-overlap"
+            block_sparse.GLUON_PINGPONG = setting == "gluon-pingpong"
+            if not isinstance(setting, str):
+                block_sparse._CONFIGS[(128, d)] = setting
             label = f"N={n} {setting}"
             try:
                 out = block_sparse_attention(q, k, v, masks[1.0], backend="triton").float()

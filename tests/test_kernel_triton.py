@@ -286,6 +286,13 @@ def test_kernel_fits_two_programs_per_h100_sm(head_dim):
     """Kernel v3's design (benchmarks/NOTES.md): two programs share an SM, so each needs <= 128
     registers per thread at 8 warps and at most half of the 228 KB of shared memory. Compiled for
     sm_90 by Triton's own ptxas, no GPU needed (in a process without the interpreter)."""
+    registers, _, shared, _ = kernel_report(["--head-dim", str(head_dim)])
+    assert registers <= 128 and shared <= 228 * 1024 // 2 - 1024
+
+
+def kernel_report(args: list[str]) -> tuple[int, int, int, str]:
+    """(registers, stack bytes, shared memory bytes, output) of benchmarks/kernel_report.py, run
+    in a process without the interpreter (it compiles for sm_90 with Triton's own ptxas)."""
     import os
     import re
     import subprocess
@@ -294,10 +301,9 @@ def test_kernel_fits_two_programs_per_h100_sm(head_dim):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    report = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_report.py"),
-                             "--head-dim", str(head_dim), "--out", os.path.join(root, "build", f"kernel-{head_dim}")],
+    out = os.path.join(root, "build", "kernel-" + "-".join(a.strip("-") for a in args))
+    report = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_report.py"), *args, "--out", out],
                             capture_output=True, text=True, env=env, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     found = re.search(r"(\d+) registers, stack (\d+) B, shared memory (\d+) B", report.stdout)
-    registers, shared = int(found.group(1)), int(found.group(3))
-    assert registers <= 128 and shared <= 228 * 1024 // 2 - 1024, report.stdout
+    return int(found.group(1)), int(found.group(2)), int(found.group(3)), report.stdout

@@ -1,0 +1,269 @@
+"""Block-sparse attention forward for Hopper in Gluon, FlashAttention-3 style (experimental).
+
+One program computes one 128-row query block of one (batch, head) with three partitions: a
+loader warp that brings the listed K/V tiles into a ring of shared-memory stages with TMA, and
+two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmmas and waits
+only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
+barrier in the loop). A stage is refilled once both consumers have released it.
+``OVERLAP`` pipelines each consumer's loop as FA3 does (the scores of a tile are computed while
+the previous tile's P V product runs; 3 stages then, as a stage is released one tile later) and
+``PINGPONG`` makes the two consumers take turns issuing their products (mbarriers "turn").
+
+Limits of this version: D = 128, mask blocks and key tiles of 128, bf16/fp16, no per-item
+valid key count (HunyuanVideo's padding goes to the Triton kernel).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+
+ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
+
+
+@gluon.jit
+def _kv_block(index_row, slot, stride_iw, is_full):
+    """The key block of a mask row's slot (full rows list every block and read no table)."""
+    listed = gl.load(index_row + slot * stride_iw, mask=is_full == 0, other=0)
+    return gl.where(is_full, slot, listed)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+            index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """Loader partition (one warp): the two halves of the query block, then K and V tiles."""
+    for half in gl.static_range(2):
+        mbarrier.expect(q_ready.index(half), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_start + half * ROWS_PER_CONSUMER, 0], q_ready.index(half),
+                                        q_smem.index(half))
+    for it in range(count):
+        stage = it % STAGES
+        phase = (it // STAGES) & 1
+        start = _kv_block(index_row, it, stride_iw, is_full) * BLOCK
+        mbarrier.wait(kv_empty.index(stage), phase ^ 1)  # a fresh barrier passes parity 1 at once
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [start, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [start, 0], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _issue_qk(q, k_smem, k_ready, it, s_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """Start S = Q K^T of tile ``it`` once its K has landed (asynchronous: wait before use)."""
+    mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+    k = k_smem.index(it % STAGES)
+    return warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.float32, s_layout),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr):
+    """Start acc += P V of tile ``it`` once its V has landed (asynchronous)."""
+    mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
+    return warpgroup_mma(p, v_smem.index(it % STAGES), acc, is_async=True)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr):
+    """Online softmax of scores s [64, BLOCK]: (P in float32, in place of s; the rescale factor
+    of the accumulator; l; m); keys at column >= ``key_limit`` are masked."""
+    if MASK_KEYS:
+        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
+        s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
+    p = gl.exp2(s * qk_scale_log2 - m_ref[:, None])
+    alpha = gl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
+    """P as the register operand of the P V product (a register shuffle, no shared memory)."""
+    return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _take_turn(turn, half, k, PINGPONG: gl.constexpr):
+    """Ping-pong (FA3): consumer ``half`` issues its k-th pair of products only after the other
+    consumer issued its (k - half)-th, so one warpgroup's softmax runs under the other's products.
+    A fresh barrier passes parity 1 at once: consumer 0 goes first."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(half), (k & 1) ^ (1 - half))
+
+
+@gluon.jit
+def _pass_turn(turn, half, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - half), count=1)
+
+
+@gluon.jit
+def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                 MASK_KEYS: gl.constexpr):
+    """One tile, in order: S = Q K^T, softmax, acc += P V, release the stage."""
+    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES),))
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
+    acc = _issue_pv(_mma_operand(p, k_smem.dtype, p_layout), acc * alpha[:, None], v_smem, v_ready, it, STAGES)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+                            half, it, key_limit, qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                            BLOCK: gl.constexpr, STAGES: gl.constexpr, MASK_KEYS: gl.constexpr,
+                            PINGPONG: gl.constexpr):
+    """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
+    ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
+    ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
+    this tile's P operand and rescale factor for the next step. P is written only after the
+    wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
+    acc = acc * alpha_prev[:, None]
+    _take_turn(turn, half, it, PINGPONG)
+    s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
+    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
+    _pass_turn(turn, half, PINGPONG)
+    s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
+    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+    mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+    return acc, l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout), alpha
+
+
+@gluon.jit
+def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
+              lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len, qk_scale_log2,
+              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+              OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer partition (one warpgroup): 64 query rows against every listed tile. Listed blocks
+    ascend, so only the last tile can hold the key tail and only it is masked."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    m_i = gl.full([ROWS_PER_CONSUMER], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([ROWS_PER_CONSUMER], gl.float32, row_layout)
+    acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
+    mbarrier.wait(q_ready.index(half), 0)
+    q = q_smem.index(half)
+    last = count - 1
+    if OVERLAP:
+        if count > 0:  # (an empty row reads no table entry: the table may have width 0)
+            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
+            _take_turn(turn, half, 0, PINGPONG)
+            s = _issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES)
+            _pass_turn(turn, half, PINGPONG)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, gl.where(last == 0, last_limit, BLOCK), qk_scale_log2,
+                                               BLOCK, MASK_KEYS=True)
+            p = _mma_operand(p, k_smem.dtype, p_layout)
+            for it in range(1, last):
+                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
+                                                                  k_ready, v_ready, kv_empty, turn, half, it, BLOCK,
+                                                                  qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
+                                                                  MASK_KEYS=False, PINGPONG=PINGPONG)
+            if last > 0:
+                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
+                                                                  k_ready, v_ready, kv_empty, turn, half, last,
+                                                                  last_limit, qk_scale_log2, s_layout, p_layout, BLOCK,
+                                                                  STAGES, MASK_KEYS=True, PINGPONG=PINGPONG)
+            acc = acc * alpha[:, None]
+            _take_turn(turn, half, count, PINGPONG)
+            acc = _issue_pv(p, acc, v_smem, v_ready, last, STAGES)
+            _pass_turn(turn, half, PINGPONG)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+    else:
+        for it in range(last):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
+                                         qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
+        if count > 0:
+            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last,
+                                         last_limit, qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
+                                         MASK_KEYS=True)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    empty = l_o == 0.0  # rows that saw no key output 0
+    out = acc / gl.where(empty, 1.0, l_o)[:, None]
+    rows = q_start + half * ROWS_PER_CONSUMER + gl.arange(0, ROWS_PER_CONSUMER, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :]
+    gl.store(ptrs, out.to(out_base.dtype.element_ty), mask=(rows < q_len)[:, None])
+    if RETURN_LSE:
+        lse = gl.where(empty, float("-inf"), (gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
+                                              + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+        gl.store(lse_base + rows.to(gl.int64) * stride_ln, lse, mask=rows < q_len)
+
+
+@gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
+def block_sparse_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh, stride_ln,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_iw,
+    num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
+    HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
+    OVERLAP: gl.constexpr,  # FA3's in-warpgroup pipelining (QK of a tile under the previous P V)
+    PINGPONG: gl.constexpr,  # with OVERLAP: the two consumers take turns issuing their products
+):
+    """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
+    [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width].
+    Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
+    q_block = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = (pid_bh // num_heads).to(gl.int64)
+    h = (pid_bh % num_heads).to(gl.int64)
+    row = q_block.to(gl.int64)
+    q_start = q_block * BLOCK
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                        strides=[stride_qn, 1], block_shape=[ROWS_PER_CONSUMER, HEAD_DIM],
+                                        layout=tile_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_kn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS_PER_CONSUMER, HEAD_DIM], tile_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
+    fence_async_shared()  # the initialised barriers are visible to TMA before the first copy
+
+    index_row = indices_ptr + b * stride_ib + h * stride_ih + row * stride_im
+    count = gl.load(counts_ptr + b * stride_cb + h * stride_ch + row * stride_cm)
+    is_full = count == kv_blocks
+    out_base = out_ptr + b * stride_ob + h * stride_oh
+    lse_base = lse_ptr + b * stride_lb + h * stride_lh
+    gl.warp_specialize([
+        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
+                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
+        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
+                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
+                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                   index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
+    ], [4, 1], [232, 40])
