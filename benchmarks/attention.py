@@ -1,8 +1,9 @@
 """Kernel benchmark on a GPU: dense baselines vs block-sparse backends with the same mask.
 
 For each preset and density: SDPA cuDNN, SDPA flash, FA4 dense (once per preset), then with one
-random 128-block mask (diagonal kept): compiled FlexAttention, FA4 block-sparse, our Triton
-kernel (BHND and BNHD inputs) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
+random 128-block mask (diagonal kept): compiled FlexAttention, FA4 block-sparse, our kernel
+(BHND and BNHD inputs; the Gluon one on Hopper, where the Triton one is timed too as
+``triton-v3``) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
 into permute / predict / attention / un-permute (auto backend, and end to end on Triton), the v1
 ARM and v1 end to end, and cuDNN once more for the run-to-run spread. Prints a table last and writes
 JSON (card name and date inside).
@@ -25,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rainfusion import BlockSparseMask, RainFusion2Config, RainFusionConfig, block_sparse_attention, sparse_attention
 from rainfusion.arm import recognise_heads
 from rainfusion.benchmark import PRESETS
+from rainfusion.kernels import block_sparse
 from rainfusion.kernels.fa4 import block_sparse_attention_fa4, dense_attention_fa4, fa4_available
 from rainfusion.permutation import gather_tokens, token_order
 from rainfusion.predictor import predict_block_mask
@@ -100,6 +102,11 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
             realized=realized)
         add("triton-bnhd", density, time_ms(lambda: block_sparse_attention(*views, mask, backend="triton")),
             realized=realized)
+        if block_sparse._use_gluon(q, k, v, mask.block_size):  # "triton" ran the Gluon kernel: time the other too
+            block_sparse.USE_GLUON_ON_HOPPER = False
+            add("triton-v3", density, time_ms(lambda: block_sparse_attention(q, k, v, mask, backend="triton")),
+                realized=realized)
+            block_sparse.USE_GLUON_ON_HOPPER = True
         add("auto", density, time_ms(lambda: block_sparse_attention(q, k, v, mask)), realized=realized)
 
     # RainFusion2.0 end to end at its video preset, and its parts

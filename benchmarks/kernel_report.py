@@ -3,7 +3,7 @@ no GPU needed, and report what the compiler made of it: registers, spills, share
 counts of the instructions that matter (wgmma, exponentials, waits, CTA barriers, local-memory
 traffic). The SASS goes to --out.
 
-    python benchmarks/kernel_report.py [--head-dim 128] [--gluon [--overlap | --pingpong]] [--out /tmp/kernel]
+    python benchmarks/kernel_report.py [--head-dim 128] [--gluon] [--out /tmp/kernel]
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, 
     return _compile(_block_sparse_fwd.block_sparse_fwd_kernel, ASTSource, constants, dtype, options)
 
 
-def compile_gluon_for_sm90(overlap: bool, pingpong: bool = False, dtype: str = "bf16"):
-    """The Gluon kernel (D = 128) as launched (3 stages for the pipelined loop), like ``compile_for_sm90``."""
-    stages = 3 if overlap or pingpong else 2
+def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16"):
+    """The Gluon kernel as launched (3 stages, no valid key count), like ``compile_for_sm90``."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    constants = dict(HEAD_DIM=128, BLOCK=128, STAGES=stages, RETURN_LSE=False, OVERLAP=overlap or pingpong,
-                     PINGPONG=pingpong, stride_iw=1, stride_ln=1)
+    constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=3, RETURN_LSE=False, HAS_KV_VALID=False,
+                     stride_iw=1, stride_ln=1)
     return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
                     dict(num_warps=4))
 
@@ -63,14 +62,12 @@ def _compile(fn, source, constants: dict, dtype: str, options: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128, choices=block_sparse.HEAD_DIMS)
-    parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (D = 128) instead")
-    parser.add_argument("--overlap", action="store_true", help="with --gluon: its in-warpgroup pipelined loop")
-    parser.add_argument("--pingpong", action="store_true", help="with --gluon: the pipelined loop, consumers in turn")
+    parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (Hopper's path) instead")
     parser.add_argument("--out", default="/tmp/rainfusion-kernel", help="folder for the cubin and SASS")
     args = parser.parse_args()
     if args.gluon:
-        kernel = compile_gluon_for_sm90(args.overlap, args.pingpong)
-        setting = f"Gluon, overlap={args.overlap or args.pingpong}, pingpong={args.pingpong}"
+        kernel = compile_gluon_for_sm90(args.head_dim)
+        setting = "Gluon"
     else:
         block_q, block_n, num_warps, num_stages, maxnreg = block_sparse._CONFIGS[
             (128, triton.next_power_of_2(args.head_dim))]
@@ -88,7 +85,7 @@ def main() -> None:
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                            text=True, check=True).stdout
     registers, stack = (usage.split(key)[1].split()[0] for key in ("REG:", "STACK:"))
-    print(f"D={128 if args.gluon else args.head_dim} {setting}: {registers} registers, stack {stack} B, "
+    print(f"D={args.head_dim} {setting}: {registers} registers, stack {stack} B, "
           f"shared memory {kernel.metadata.shared} B")
     print("  " + ", ".join(f"{name} {sass.count(name)}" for name in INSTRUCTIONS))
     print(f"  SASS: {cubin.replace('.cubin', '.sass')}")

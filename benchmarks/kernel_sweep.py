@@ -1,9 +1,10 @@
 """Launch-setting sweep of our Triton kernel on a GPU at density 1.0 and 0.2: query rows per
 program, key tile, warps, stages and register cap (2 programs per SM need <= 128 registers at 8
-warps). Each setting is checked against SDPA (density 1) before it is timed. ``--gluon``: the
-Gluon kernel against kernel v3 at D = 128 instead of the sweep (all variants, or those named).
+warps). Each setting is checked against SDPA (density 1) before it is timed; the Gluon kernel
+(Hopper's default) is off during the sweep. ``--gluon``: the Gluon kernel against the Triton
+kernel's chosen setting instead of the sweep.
 
-    python benchmarks/kernel_sweep.py [--gluon [in-order] [overlapped] [pingpong]]
+    python benchmarks/kernel_sweep.py [--gluon]
 """
 
 from __future__ import annotations
@@ -33,10 +34,7 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
 def main() -> None:
     print(torch.cuda.get_device_name())
     gluon = "--gluon" in sys.argv[1:]
-    names = {"in-order": "gluon", "overlapped": "gluon-overlap", "pingpong": "gluon-pingpong"}
-    chosen = [names[arg] for arg in sys.argv[1:] if arg in names] or list(names.values())
-    variants = [block_sparse._CONFIGS[(128, 128)], *chosen]
-    shapes = [(h, n, d, variants) for h, n, d, _ in SHAPES if d == 128] if gluon else SHAPES
+    shapes = [(h, n, d, [block_sparse._CONFIGS[(128, d)], "gluon"]) for h, n, d, _ in SHAPES] if gluon else SHAPES
     rows = []
     for heads, n, d, settings in shapes:
         q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -47,9 +45,7 @@ def main() -> None:
         print(f"H={heads} N={n} D={d}: cuDNN {cudnn:.2f} ms ({flops / cudnn / 1e9:.0f} TFLOP/s)", flush=True)
         masks = {density: random_block_mask(1, heads, n, density) for density in (1.0, 0.2)}
         for setting in settings or SETTINGS[d]:
-            block_sparse.USE_GLUON_ON_HOPPER = isinstance(setting, str)
-            block_sparse.GLUON_OVERLAP = setting == "gluon-overlap"
-            block_sparse.GLUON_PINGPONG = setting == "gluon-pingpong"
+            block_sparse.USE_GLUON_ON_HOPPER = setting == "gluon"
             if not isinstance(setting, str):
                 block_sparse._CONFIGS[(128, d)] = setting
             label = f"N={n} {setting}"

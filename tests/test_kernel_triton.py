@@ -9,6 +9,8 @@ Tolerances (relative L2 against float64): float32 1e-5 (observed ~3e-7; float32 
 a few hundred keys), float16 2e-3 and bfloat16 1.5e-2 (P is rounded to the input dtype before
 the PV product and the output is rounded once: ~2^-11 and ~2^-8 relative). The GPU tests at
 realistic sizes use the rule: our error <= 2 x torch SDPA's error at the same dtype + 1e-3.
+On Hopper the Gluon kernel would take most cases; here it is switched off so that these tests
+cover the Triton kernel (tests/test_kernel_gluon.py covers the Gluon one).
 """
 
 import math
@@ -32,6 +34,11 @@ from rainfusion.reference import masked_attention, relative_l2, token_mask  # no
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def triton_kernel_only(monkeypatch):
+    monkeypatch.setattr(block_sparse, "USE_GLUON_ON_HOPPER", False)
 
 
 def _dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,16 +1,14 @@
-"""Block-sparse attention forward for Hopper in Gluon, FlashAttention-3 style (experimental).
+"""Block-sparse attention forward for Hopper in Gluon, FlashAttention-3 style.
 
 One program computes one 128-row query block of one (batch, head) with three partitions: a
 loader warp that brings the listed K/V tiles into a ring of shared-memory stages with TMA, and
 two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmmas and waits
 only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
-barrier in the loop). A stage is refilled once both consumers have released it.
-``OVERLAP`` pipelines each consumer's loop as FA3 does (the scores of a tile are computed while
-the previous tile's P V product runs; 3 stages then, as a stage is released one tile later) and
-``PINGPONG`` makes the two consumers take turns issuing their products (mbarriers "turn").
+barrier in the loop). A stage is refilled once both consumers have released it. Each consumer
+pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
+P V product runs (3 stages, as a stage is released one tile later).
 
-Limits of this version: D = 128, mask blocks and key tiles of 128, bf16/fp16, no per-item
-valid key count (HunyuanVideo's padding goes to the Triton kernel).
+Limits of this version: head dims 64 and 128, mask blocks and key tiles of 128, bf16/fp16.
 """
 
 from triton.experimental import gluon
@@ -86,48 +84,23 @@ def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
 
 
 @gluon.jit
-def _take_turn(turn, half, k, PINGPONG: gl.constexpr):
-    """Ping-pong (FA3): consumer ``half`` issues its k-th pair of products only after the other
-    consumer issued its (k - half)-th, so one warpgroup's softmax runs under the other's products.
-    A fresh barrier passes parity 1 at once: consumer 0 goes first."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(half), (k & 1) ^ (1 - half))
+def _rescaled(acc, alpha):
+    """acc [64, D] * alpha [64] per row (alpha comes in the scores' row layout)."""
+    return acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
 
 
 @gluon.jit
-def _pass_turn(turn, half, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - half), count=1)
-
-
-@gluon.jit
-def _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit, qk_scale_log2,
-                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-                 MASK_KEYS: gl.constexpr):
-    """One tile, in order: S = Q K^T, softmax, acc += P V, release the stage."""
-    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES),))
-    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
-    acc = _issue_pv(_mma_operand(p, k_smem.dtype, p_layout), acc * alpha[:, None], v_smem, v_ready, it, STAGES)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
-    return acc, l_i, m_i
-
-
-@gluon.jit
-def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
-                            half, it, key_limit, qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr,
-                            BLOCK: gl.constexpr, STAGES: gl.constexpr, MASK_KEYS: gl.constexpr,
-                            PINGPONG: gl.constexpr):
+def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit,
+                 qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
+                 STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
     ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
     ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
     this tile's P operand and rescale factor for the next step. P is written only after the
     wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
-    acc = acc * alpha_prev[:, None]
-    _take_turn(turn, half, it, PINGPONG)
+    acc = _rescaled(acc, alpha_prev)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
     acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
-    _pass_turn(turn, half, PINGPONG)
     s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
     p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
@@ -136,12 +109,21 @@ def _attend_tile_overlapped(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem
 
 
 @gluon.jit
-def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
-              lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len, qk_scale_log2,
-              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-              OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer partition (one warpgroup): 64 query rows against every listed tile. Listed blocks
-    ascend, so only the last tile can hold the key tail and only it is masked."""
+def _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK: gl.constexpr):
+    """How many listed tiles lie wholly below ``key_limit``: a prefix, as listed blocks ascend
+    (the others, usually the last one or two, are masked)."""
+    clean = count
+    while (clean > 0) & ((_kv_block(index_row, gl.maximum(clean - 1, 0), stride_iw, is_full) + 1) * BLOCK > key_limit):
+        clean -= 1
+    return clean
+
+
+@gluon.jit
+def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
+              stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
+    """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
+    positions >= ``key_limit`` are masked out (only in the tiles that reach it)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -153,42 +135,24 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
-    last = count - 1
-    if OVERLAP:
-        if count > 0:  # (an empty row reads no table entry: the table may have width 0)
-            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
-            _take_turn(turn, half, 0, PINGPONG)
-            s = _issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES)
-            _pass_turn(turn, half, PINGPONG)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, gl.where(last == 0, last_limit, BLOCK), qk_scale_log2,
-                                               BLOCK, MASK_KEYS=True)
-            p = _mma_operand(p, k_smem.dtype, p_layout)
-            for it in range(1, last):
-                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
-                                                                  k_ready, v_ready, kv_empty, turn, half, it, BLOCK,
-                                                                  qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
-                                                                  MASK_KEYS=False, PINGPONG=PINGPONG)
-            if last > 0:
-                acc, l_i, m_i, p, alpha = _attend_tile_overlapped(acc, l_i, m_i, p, alpha, q, k_smem, v_smem,
-                                                                  k_ready, v_ready, kv_empty, turn, half, last,
-                                                                  last_limit, qk_scale_log2, s_layout, p_layout, BLOCK,
-                                                                  STAGES, MASK_KEYS=True, PINGPONG=PINGPONG)
-            acc = acc * alpha[:, None]
-            _take_turn(turn, half, count, PINGPONG)
-            acc = _issue_pv(p, acc, v_smem, v_ready, last, STAGES)
-            _pass_turn(turn, half, PINGPONG)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
-    else:
-        for it in range(last):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
-                                         qk_scale_log2, s_layout, p_layout, BLOCK, STAGES, MASK_KEYS=False)
-        if count > 0:
-            last_limit = kv_len - _kv_block(index_row, last, stride_iw, is_full) * BLOCK
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_smem, v_smem, k_ready, v_ready, kv_empty, last,
-                                         last_limit, qk_scale_log2, s_layout, p_layout, BLOCK, STAGES,
-                                         MASK_KEYS=True)
+    if count > 0:  # (an empty row reads no table entry: the table may have width 0)
+        clean = _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK)
+        s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES),))
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK,
+                                           qk_scale_log2, BLOCK, MASK_KEYS=True)
+        p = _mma_operand(p, k_smem.dtype, p_layout)
+        for it in range(1, clean):
+            acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
+                                                   kv_empty, it, BLOCK, qk_scale_log2, s_layout, p_layout, BLOCK,
+                                                   STAGES, MASK_KEYS=False)
+        for it in range(gl.maximum(clean, 1), count):
+            tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
+            acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
+                                                   kv_empty, it, tile_limit, qk_scale_log2, s_layout, p_layout,
+                                                   BLOCK, STAGES, MASK_KEYS=True)
+        last = count - 1
+        acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES),))
+        mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     empty = l_o == 0.0  # rows that saw no key output 0
     out = acc / gl.where(empty, 1.0, l_o)[:, None]
@@ -204,7 +168,7 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
 def block_sparse_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -214,11 +178,11 @@ def block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_iw,
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-    OVERLAP: gl.constexpr,  # FA3's in-warpgroup pipelining (QK of a tile under the previous P V)
-    PINGPONG: gl.constexpr,  # with OVERLAP: the two consumers take turns issuing their products
+    HAS_KV_VALID: gl.constexpr,
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
-    [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width].
+    [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid
+    int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out.
     Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -242,10 +206,8 @@ def block_sparse_fwd_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -255,15 +217,18 @@ def block_sparse_fwd_kernel(
     index_row = indices_ptr + b * stride_ib + h * stride_ih + row * stride_im
     count = gl.load(counts_ptr + b * stride_cb + h * stride_ch + row * stride_cm)
     is_full = count == kv_blocks
+    key_limit = kv_len
+    if HAS_KV_VALID:
+        key_limit = gl.minimum(kv_len, gl.load(kv_valid_ptr + b))
     out_base = out_ptr + b * stride_ob + h * stride_oh
     lse_base = lse_ptr + b * stride_lb + h * stride_lh
     gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
-                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
-        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, turn, out_base, stride_on,
-                     lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, kv_len,
-                     qk_scale_log2, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, OVERLAP, PINGPONG)),
+        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
+                     stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+                     BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
+                     stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+                     BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                    index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
     ], [4, 1], [232, 40])

@@ -4,12 +4,13 @@
 ``torch.ops.rainfusion.block_sparse_attention_triton`` (plain tensors and scalars, with a fake
 implementation so torch.compile can trace it). It never synchronises with the host.
 
-The kernel runs on CUDA tensors; on CPU it runs under Triton's interpreter when
-``TRITON_INTERPRET=1`` was set before triton was first imported (float32 is accepted there only).
+On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
+one (``_block_sparse_fwd``) everywhere else. The Triton kernel runs on CUDA tensors; on CPU it runs
+under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was first imported
+(float32 is accepted there only).
 """
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
@@ -66,20 +67,19 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     return True
 
 
-# The Gluon kernel for Hopper (_block_sparse_fwd_gluon): opt-in with RAINFUSION_GLUON=1 until
-# it is measured against kernel v3 on the H100 (benchmarks/NOTES.md)
-USE_GLUON_ON_HOPPER = os.environ.get("RAINFUSION_GLUON") == "1"
-GLUON_OVERLAP = False  # FA3's in-warpgroup pipelining; ptxas still waits before the softmax (NOTES.md)
-GLUON_PINGPONG = False  # with GLUON_OVERLAP: the two consumer warpgroups take turns issuing products
+# On Hopper (sm_90) the Gluon kernel (_block_sparse_fwd_gluon, FA3-style warp specialisation)
+# runs instead of the Triton one where it applies: 1.21x faster at density 1 and 1.25x at 0.2 on
+# an H100 at HunyuanVideo 720p (benchmarks/NOTES.md)
+USE_GLUON_ON_HOPPER = True
+GLUON_HEAD_DIMS = (64, 128)
 
 
-def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,
-               has_kv_valid: bool) -> bool:
-    """The Gluon kernel's cases: sm_90, D = 128, 128-token blocks, no per-item valid key count,
-    unit D stride and 16-byte aligned rows for q, k and v (all three go through TMA)."""
-    if not (USE_GLUON_ON_HOPPER and query.is_cuda and not INTERPRETED) or has_kv_valid or block_size != 128:
+def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> bool:
+    """The Gluon kernel's cases: sm_90, D 64 or 128, 128-token blocks, unit D stride and
+    16-byte aligned rows for q, k and v (all three go through TMA)."""
+    if not (USE_GLUON_ON_HOPPER and query.is_cuda and not INTERPRETED) or block_size != 128:
         return False
-    if torch.cuda.get_device_capability(query.device) != (9, 0) or query.shape[-1] != 128:
+    if torch.cuda.get_device_capability(query.device) != (9, 0) or query.shape[-1] not in GLUON_HEAD_DIMS:
         return False
     if not all(t.stride(-1) == 1 and (t.stride(2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in (query, key, value)):
@@ -115,18 +115,17 @@ def _block_sparse_attention_op(
     block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
-    if _use_gluon(query, key, value, block_size, kv_valid_len is not None):
+    if _use_gluon(query, key, value, block_size):
         from . import _block_sparse_fwd_gluon
 
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
-            query, key, value, out, lse if return_lse else out, counts, indices,
+            query, key, value, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
-            # the pipelined loop frees a stage one tile later: 3 stages (225 KB) keep one tile in flight
-            HEAD_DIM=d, BLOCK=block_size, STAGES=3 if GLUON_OVERLAP or GLUON_PINGPONG else 2, RETURN_LSE=return_lse,
-            OVERLAP=GLUON_OVERLAP or GLUON_PINGPONG, PINGPONG=GLUON_PINGPONG, num_warps=4,
+            HEAD_DIM=d, BLOCK=block_size, STAGES=3, RETURN_LSE=return_lse, HAS_KV_VALID=kv_valid is not None,
+            num_warps=4,
         )
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
