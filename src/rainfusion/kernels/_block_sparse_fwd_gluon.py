@@ -8,7 +8,8 @@ barrier in the loop). A stage is refilled once both consumers have released it. 
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
 P V product runs (3 stages, as a stage is released one tile later).
 
-Limits of this version: head dims 64 and 128, mask blocks and key tiles of 128, bf16/fp16.
+Limits of this version: mask blocks and key tiles of 128, bf16/fp16; head dim 128 (64 compiles
+and is correct, but the Triton kernel is faster there on an H100: benchmarks/NOTES.md).
 """
 
 from triton.experimental import gluon

@@ -68,14 +68,15 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 
 
 # On Hopper (sm_90) the Gluon kernel (_block_sparse_fwd_gluon, FA3-style warp specialisation)
-# runs instead of the Triton one where it applies: 1.21x faster at density 1 and 1.25x at 0.2 on
-# an H100 at HunyuanVideo 720p (benchmarks/NOTES.md)
+# runs instead of the Triton one for head dim 128: at HunyuanVideo 720p on an H100 it is 1.17x
+# faster at density 1 and 1.20x at 0.2 (benchmarks/NOTES.md). At head dim 64 (CogVideoX) the
+# Triton kernel, two programs per SM, stays faster (1.17x at 0.2), so it keeps those calls.
 USE_GLUON_ON_HOPPER = True
-GLUON_HEAD_DIMS = (64, 128)
+GLUON_HEAD_DIMS = (128,)
 
 
 def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> bool:
-    """The Gluon kernel's cases: sm_90, D 64 or 128, 128-token blocks, unit D stride and
+    """The Gluon kernel's cases: sm_90, D in GLUON_HEAD_DIMS, 128-token blocks, unit D stride and
     16-byte aligned rows for q, k and v (all three go through TMA)."""
     if not (USE_GLUON_ON_HOPPER and query.is_cuda and not INTERPRETED) or block_size != 128:
         return False
