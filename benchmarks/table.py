@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-SPARSE = ["flex", "fa4-sparse", "triton", "triton-bnhd", "auto"]
+SPARSE = ["flex", "fa4-sparse", "triton", "triton-bnhd", "triton-v3", "auto"]
 PIPELINE = ["v2-permute", "v2-predict", "v2-attention", "v2-unpermute", "v2-end-to-end", "v2-end-to-end-triton",
             "v1-arm", "v1-end-to-end"]
 
