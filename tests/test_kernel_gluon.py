@@ -59,7 +59,15 @@ def test_gluon_kv_valid_len():
 
 @pytest.mark.gpu
 @hopper_only
-def test_gluon_large_logits_and_determinism():
+@pytest.mark.parametrize("q_len, kv_len", [(700, 2000), (2000, 333)])
+def test_gluon_query_and_key_lengths_differ(q_len, kv_len):
+    q, k, v = _qkv(1, 2, q_len, kv_len, 128, torch.bfloat16, seed=q_len)
+    _check(q, k, v, _mask(1, 2, q_len, kv_len, 128, density=0.5, seed=kv_len))
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_gluon_large_logits_determinism_and_compile():
     b, h, n, d = 1, 2, 4000, 128
     q, k, v = _qkv(b, h, n, n, d, torch.float16, seed=6)
     q, k = q * 100, k * 100
@@ -67,6 +75,9 @@ def test_gluon_large_logits_and_determinism():
     out = _check(q, k, v, mask, lse_atol=0.05)  # |lse| ~ 1e4 here: fp32 rounding alone is ~1e-3
     assert torch.isfinite(out).all()
     assert torch.equal(out, block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5))
+    compiled = torch.compile(lambda q, k, v: block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5),
+                             fullgraph=True)
+    assert torch.equal(compiled(q, k, v), out)
 
 
 @pytest.mark.gpu
