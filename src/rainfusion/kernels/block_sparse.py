@@ -17,6 +17,7 @@ import torch
 import triton
 from triton.runtime import JITFunction
 
+from ..backends import log_once
 from ..checks import check_block_mask, check_kv_valid_len, check_qkv
 from ..mask import BlockSparseMask, num_blocks
 from . import _block_sparse_fwd
@@ -59,9 +60,7 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     if torch.cuda.get_device_capability(query.device)[0] < 9:
         return False
     d = query.shape[-1]
-    aligned = all(t.stride(-1) == 1 and (t.stride(2) * t.element_size()) % 16 == 0
-                  and t.data_ptr() % 16 == 0 for t in (key, value))
-    if not (aligned and d == triton.next_power_of_2(d)):
+    if not (_tma_aligned(key, value) and d == triton.next_power_of_2(d)):
         return False
     triton.set_allocator(_descriptor_scratch)
     return True
@@ -82,11 +81,18 @@ def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
         return False
     if torch.cuda.get_device_capability(query.device) != (9, 0) or query.shape[-1] not in GLUON_HEAD_DIMS:
         return False
-    if not all(t.stride(-1) == 1 and (t.stride(2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (query, key, value)):
+    if not _tma_aligned(query, key, value):
+        log_once("rainfusion: q, k or v is not 16-byte aligned with a unit head-dim stride; the Gluon "
+                 "kernel needs that, so the slower Triton kernel runs")
         return False
     triton.set_allocator(_descriptor_scratch)
     return True
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """[B, H, N, D] tensors TMA can read: unit D stride, 16-byte aligned start and rows."""
+    return all(t.stride(-1) == 1 and (t.stride(2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -120,6 +126,7 @@ def _block_sparse_attention_op(
         from . import _block_sparse_fwd_gluon
 
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
+            # (out and counts stand in for the pointers of an absent lse and kv_valid)
             query, key, value, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
             query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
