@@ -206,7 +206,8 @@ def test_attention_analysis_matches_a_direct_computation(tmp_path):
 
 def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
     """Mask recall per head equals the exact attention mass inside the predicted block mask,
-    summed directly (raster order: 4 blocks of 64 tokens = one frame each); all of it at sparsity 0."""
+    summed directly (raster order: 4 blocks of 64 tokens = one frame each), and the best recall
+    the mass of each row's heaviest blocks at the same counts; all of it at sparsity 0."""
     from rainfusion.demo.analysis import analyse, layout_of
 
     spec = VideoSpec(frames=4, size=64)  # 4 x 8 x 8 = 256 tokens
@@ -225,6 +226,14 @@ def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
         assert layer.mask_recall["v2"] == pytest.approx(direct.tolist(), abs=1e-5)
         assert all(r < 0.999 for r in direct)
         assert layer.mask_recall["v2 at 0"] == pytest.approx([1.0, 1.0], abs=1e-9)
+        # the best mask with the same block count per row: each row's heaviest frames, summed directly
+        mass = probs.view(2, 4, 64, 4, 64).sum((2, 4))  # [H, query frame, key frame]
+        counts = state.cache.mask.counts[0].long()  # [H, 4]
+        best = [sum(float(mass[h, i].sort(descending=True).values[:counts[h, i]].sum()) for i in range(4)) / 256
+                for h in range(2)]
+        assert layer.best_recall["v2"] == pytest.approx(best, abs=1e-5)
+        assert all(b >= r - 1e-9 for b, r in zip(layer.best_recall["v2"], layer.mask_recall["v2"]))
+        assert layer.best_recall["v2 at 0"] == pytest.approx([1.0, 1.0], abs=1e-9)
 
 
 def test_the_embedded_model_is_trained():

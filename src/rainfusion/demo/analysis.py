@@ -1,7 +1,10 @@
 """Attention-map analysis of the demo model: do its heads fall into RainFusion's spatial /
 temporal / textural patterns? One denoising forward at a chosen noise level records q and k of
 every self-attention layer; per head, the ARM's verdict and recalls, the share of the exact
-attention that the masks of v2 at 0.8 and v1 at 0.5 keep, the frame-to-frame attention mass
+attention that the masks of v2 at 0.8 and v1 at 0.5 keep, and the most that any mask with the
+same number of blocks in each row could keep (the exact best blocks, in the same token order:
+what separates a prediction miss from a head that block sparsity cannot capture at that
+density), the frame-to-frame attention mass
 [T, T] and the mean attention of middle-frame queries over spatial offsets inside their own
 frame. One figure per layer (needs matplotlib).
 
@@ -51,7 +54,8 @@ class _RecordSelfAttention(TorchFunctionMode):
 class LayerMaps:
     """One layer's analysis (first clip of the batch). patterns: ARM verdicts [H];
     local_recall, global_recall [H]; mask_recall: per method name, the exact attention mass
-    inside its mask [H] (mean over queries); frame_mass [H, T, T] (rows sum to 1);
+    inside its mask [H] (mean over queries); best_recall: per method name, the mass inside the
+    best mask with the same block count per row [H]; frame_mass [H, T, T] (rows sum to 1);
     spatial [H, 2h-1, 2w-1]: mean attention (over the middle frame's queries that have a key
     there) at each offset within the query's frame."""
 
@@ -59,6 +63,7 @@ class LayerMaps:
     local_recall: list[float]
     global_recall: list[float]
     mask_recall: dict[str, list[float]]
+    best_recall: dict[str, list[float]]
     frame_mass: torch.Tensor
     spatial: torch.Tensor
 
@@ -67,12 +72,37 @@ MASKS: dict[str, AnyConfig] = {"rainfusion2 0.8": RainFusion2Config(), "rainfusi
 
 
 def mask_recall(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: AnyConfig,
-                scale: float) -> list[float]:
-    """Per head, the exact attention mass (mean over queries) inside the mask that ``config``
-    predicts for query/key [1, H, N, D] at a sparse step."""
+                scale: float) -> tuple[list[float], list[float]]:
+    """Per head, for the mask that ``config`` predicts for query/key [1, H, N, D] at a sparse
+    step: (the exact attention mass inside it, the mass inside the best mask that keeps as many
+    key blocks in each query block's row), both means over queries."""
     state = AttentionState()
     sparse_attention(query, key, key, layout=layout, config=config, state=state, scale=scale)
-    return attention_recall(query, key, state.cache.mask, state.cache.inverse, scale=scale)[0].tolist()
+    mask, inverse = state.cache.mask, state.cache.inverse
+    inside = attention_recall(query, key, mask, inverse, scale=scale)[0].tolist()
+    return inside, best_block_recall(query, key, mask.expand(*query.shape[:2]).counts[0], inverse, mask.block_size,
+                                     scale)
+
+
+def best_block_recall(query: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, inverse: torch.Tensor,
+                      block_size: int, scale: float) -> list[float]:
+    """Per head, the largest exact attention mass (mean over queries) that a block mask keeping
+    counts[h, i] key blocks in query block i can hold: each row's heaviest blocks.
+    query/key [1, H, N, D] in token order; inverse (int64 [N] or [1, H, N]) places each token
+    in the order the blocks are cut from; counts int [H, q_blocks]."""
+    _, heads, n, _ = query.shape
+    position = inverse.expand(1, heads, n)[0]
+    blocks = counts.shape[-1]
+    best = []
+    for h in range(heads):
+        probs = torch.softmax((query[0, h].double() @ key[0, h].double().T) * scale, dim=-1)  # [N, N]
+        block = position[h] // block_size
+        mass = torch.zeros(blocks, n, dtype=torch.float64, device=probs.device).index_add_(0, block, probs)
+        mass = torch.zeros(blocks, blocks, dtype=torch.float64, device=probs.device).index_add_(1, block, mass)
+        ranked = mass.sort(-1, descending=True).values.cumsum(-1)  # [q_blocks, k_blocks]
+        kept = counts[h].long().clamp_min(1) - 1
+        best.append(float(torch.where(counts[h] > 0, ranked.gather(1, kept[:, None])[:, 0], 0.0).sum() / n))
+    return best
 
 
 def layout_of(model: DemoVideoModel) -> VideoLayout:
@@ -112,9 +142,11 @@ def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config:
             for x in range(w):
                 spatial[:, h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += middle[:, y, x]
                 queries[h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += 1
+        recalls = {name: mask_recall(q, k, layout, masked, scale) for name, masked in masks.items()}
         layers.append(LayerMaps([PATTERN_NAMES[p] for p in verdict.pattern[0].tolist()],
                                 verdict.local_recall[0, :, 0].tolist(), verdict.global_recall[0, :, 0].tolist(),
-                                {name: mask_recall(q, k, layout, masked, scale) for name, masked in masks.items()},
+                                {name: inside for name, (inside, _) in recalls.items()},
+                                {name: best for name, (_, best) in recalls.items()},
                                 frame_mass.cpu(), (spatial / queries).cpu()))
     return layers
 
@@ -129,9 +161,10 @@ def plot_layer(maps: LayerMaps, title: str, path: Path) -> None:
     fig, axes = plt.subplots(2, heads, figsize=(2.6 * heads, 5.4), squeeze=False)
     for i in range(heads):
         axes[0, i].imshow(maps.frame_mass[i].numpy(), cmap="magma")
-        kept = " ".join(f"{name.replace('rainfusion', 'v')}: {recall[i]:.2f}" for name, recall in maps.mask_recall.items())
+        kept = "\n".join(f"{name.replace('rainfusion', 'v')}: {recall[i]:.2f} (best {maps.best_recall[name][i]:.2f})"
+                         for name, recall in maps.mask_recall.items())
         axes[0, i].set_title(f"head {i}: {maps.patterns[i]}\nARM local {maps.local_recall[i]:.2f} "
-                             f"global {maps.global_recall[i]:.2f}\nmask keeps {kept}", fontsize=7)
+                             f"global {maps.global_recall[i]:.2f}\nmask keeps\n{kept}", fontsize=7)
         axes[0, i].set(xlabel="key frame", ylabel="query frame")
         axes[1, i].imshow(maps.spatial[i].numpy(), cmap="magma")
         axes[1, i].set(xlabel="key x - query x", ylabel="key y - query y")
@@ -159,10 +192,12 @@ def main() -> None:
     for i, maps in enumerate(layers):
         plot_layer(maps, f"demo model, self-attention layer {i}, noise {args.noise}", out / f"layer{i}.png")
     summary = [dict(layer=i, patterns=m.patterns, local_recall=m.local_recall, global_recall=m.global_recall,
-                    mask_recall=m.mask_recall) for i, m in enumerate(layers)]
+                    mask_recall=m.mask_recall, best_recall=m.best_recall) for i, m in enumerate(layers)]
     (out / "patterns.json").write_text(json.dumps(summary, indent=1))
     for s in summary:
-        recalls = "  ".join(f"{name} keeps {' '.join(f'{r:.2f}' for r in kept)}" for name, kept in s["mask_recall"].items())
+        recalls = "  ".join(f"{name} keeps {' '.join(f'{r:.2f}' for r in kept)} (best "
+                            f"{' '.join(f'{r:.2f}' for r in s['best_recall'][name])})"
+                            for name, kept in s["mask_recall"].items())
         print(f"layer {s['layer']}: {' '.join(s['patterns'])}  {recalls}")
 
 
