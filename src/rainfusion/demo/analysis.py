@@ -27,7 +27,6 @@ from ..attention import sparse_attention
 from ..config import AnyConfig, RainFusion2Config, RainFusionConfig
 from ..head_patterns import PATTERN_NAMES
 from ..layout import VideoLayout
-from ..reference import attention_recall
 from ..state import AttentionState
 from .model import PIXELS_PER_CELL, DemoVideoModel, load_checkpoint, to_latents
 from .videos import sample_videos
@@ -71,38 +70,26 @@ class LayerMaps:
 MASKS: dict[str, AnyConfig] = {"rainfusion2 0.8": RainFusion2Config(), "rainfusion 0.5": RainFusionConfig()}
 
 
-def mask_recall(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: AnyConfig,
-                scale: float) -> tuple[list[float], list[float]]:
+def mask_recall(query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, layout: VideoLayout,
+                config: AnyConfig, scale: float) -> tuple[list[float], list[float]]:
     """Per head, for the mask that ``config`` predicts for query/key [1, H, N, D] at a sparse
     step: (the exact attention mass inside it, the mass inside the best mask that keeps as many
-    key blocks in each query block's row), both means over queries."""
+    key blocks in each query block's row: each row's heaviest blocks), both means over queries.
+    probs float64 [H, N, N]: the exact attention of these query and key."""
     state = AttentionState()
     sparse_attention(query, key, key, layout=layout, config=config, state=state, scale=scale)
-    mask, inverse = state.cache.mask, state.cache.inverse
-    inside = attention_recall(query, key, mask, inverse, scale=scale)[0].tolist()
-    return inside, best_block_recall(query, key, mask.expand(*query.shape[:2]).counts[0], inverse, mask.block_size,
-                                     scale)
-
-
-def best_block_recall(query: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, inverse: torch.Tensor,
-                      block_size: int, scale: float) -> list[float]:
-    """Per head, the largest exact attention mass (mean over queries) that a block mask keeping
-    counts[h, i] key blocks in query block i can hold: each row's heaviest blocks.
-    query/key [1, H, N, D] in token order; inverse (int64 [N] or [1, H, N]) places each token
-    in the order the blocks are cut from; counts int [H, q_blocks]."""
-    _, heads, n, _ = query.shape
-    position = inverse.expand(1, heads, n)[0]
-    blocks = counts.shape[-1]
-    best = []
-    for h in range(heads):
-        probs = torch.softmax((query[0, h].double() @ key[0, h].double().T) * scale, dim=-1)  # [N, N]
-        block = position[h] // block_size
-        mass = torch.zeros(blocks, n, dtype=torch.float64, device=probs.device).index_add_(0, block, probs)
-        mass = torch.zeros(blocks, blocks, dtype=torch.float64, device=probs.device).index_add_(1, block, mass)
-        ranked = mass.sort(-1, descending=True).values.cumsum(-1)  # [q_blocks, k_blocks]
-        kept = counts[h].long().clamp_min(1) - 1
-        best.append(float(torch.where(counts[h] > 0, ranked.gather(1, kept[:, None])[:, 0], 0.0).sum() / n))
-    return best
+    heads, n = probs.shape[:2]
+    mask = state.cache.mask.expand(1, heads)
+    block = state.cache.inverse.expand(1, heads, n)[0] // mask.block_size  # [H, N]: each token's block
+    mass = torch.zeros(heads, mask.q_blocks, n, dtype=torch.float64, device=probs.device)
+    mass.scatter_add_(1, block[:, :, None].expand(-1, -1, n), probs)
+    mass = torch.zeros(heads, mask.q_blocks, mask.kv_blocks, dtype=torch.float64, device=probs.device).scatter_add_(
+        2, block[:, None, :].expand(-1, mask.q_blocks, -1), mass)  # [H, q_blocks, kv_blocks]
+    inside = (mass * mask.to_dense()[0]).sum((-1, -2)) / n
+    ranked = mass.sort(-1, descending=True).values.cumsum(-1)
+    counts = mask.counts[0].long()
+    best = torch.where(counts > 0, ranked.gather(2, (counts - 1).clamp_min(0)[..., None])[..., 0], 0.0).sum(-1) / n
+    return inside.tolist(), best.tolist()
 
 
 def layout_of(model: DemoVideoModel) -> VideoLayout:
@@ -131,23 +118,23 @@ def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config:
         q, k = query[:1].float(), key[:1].float()  # [1, H, N, D]
         scale = q.shape[-1] ** -0.5
         verdict = recognise_heads(q, k, layout, config, scale=scale)
-        probs = torch.softmax((q[0] @ k[0].transpose(-1, -2)) * scale, dim=-1)  # [H, N, N]
+        probs = torch.softmax((q[0].double() @ k[0].double().transpose(-1, -2)) * scale, dim=-1)  # [H, N, N]
         heads = probs.shape[0]
         by_frame = probs.view(heads, t, h * w, t, h * w)
         frame_mass = by_frame.sum(-1).mean(2)  # [H, T(query), T(key)]
         middle = by_frame[:, t // 2, :, t // 2, :].reshape(heads, h, w, h, w)
-        spatial = torch.zeros(heads, 2 * h - 1, 2 * w - 1, device=probs.device)
-        queries = torch.zeros(2 * h - 1, 2 * w - 1, device=probs.device)  # queries that see each offset
+        spatial = torch.zeros(heads, 2 * h - 1, 2 * w - 1, dtype=probs.dtype, device=probs.device)
+        queries = torch.zeros(2 * h - 1, 2 * w - 1, dtype=probs.dtype, device=probs.device)  # queries that see each offset
         for y in range(h):  # move each query's map so that the query sits at the centre
             for x in range(w):
                 spatial[:, h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += middle[:, y, x]
                 queries[h - 1 - y:2 * h - 1 - y, w - 1 - x:2 * w - 1 - x] += 1
-        recalls = {name: mask_recall(q, k, layout, masked, scale) for name, masked in masks.items()}
+        recalls = {name: mask_recall(q, k, probs, layout, masked, scale) for name, masked in masks.items()}
         layers.append(LayerMaps([PATTERN_NAMES[p] for p in verdict.pattern[0].tolist()],
                                 verdict.local_recall[0, :, 0].tolist(), verdict.global_recall[0, :, 0].tolist(),
                                 {name: inside for name, (inside, _) in recalls.items()},
                                 {name: best for name, (_, best) in recalls.items()},
-                                frame_mass.cpu(), (spatial / queries).cpu()))
+                                frame_mass.float().cpu(), (spatial / queries).float().cpu()))
     return layers
 
 
