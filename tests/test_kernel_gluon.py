@@ -5,11 +5,11 @@ the Gluon path was taken."""
 import pytest
 import torch
 
-from test_kernel_triton import _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report
+from test_kernel_triton import _allowed, _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report
 from rainfusion.kernels import block_sparse
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton
 from rainfusion.mask import BlockSparseMask
-from rainfusion.reference import relative_l2, token_mask
+from rainfusion.reference import relative_l2
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_only = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -27,10 +27,7 @@ def _check(q, k, v, mask, kv_valid_len=None, lse_atol=2e-3):
     out, lse = block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5, kv_valid_len=kv_valid_len,
                                              return_lse=True)
     want, want_lse = _reference(q, k, v, mask, d**-0.5, kv_valid_len)
-    allowed = token_mask(mask.expand(*q.shape[:2]))
-    if kv_valid_len is not None:
-        allowed = allowed & (torch.arange(k.shape[2], device=k.device) < kv_valid_len.view(-1, 1, 1, 1))
-    assert relative_l2(out, want) <= 2 * _sdpa_error(q, k, v, allowed, d**-0.5, want) + 1e-3
+    assert relative_l2(out, want) <= 2 * _sdpa_error(q, k, v, _allowed(q, k, mask, kv_valid_len), d**-0.5, want) + 1e-3
     _assert_lse_close(lse, want_lse, atol=lse_atol)
     return out
 

@@ -30,7 +30,7 @@ from masks import random_block_mask  # noqa: E402
 from rainfusion.kernels import block_sparse  # noqa: E402
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton  # noqa: E402
 from rainfusion.mask import BlockSparseMask  # noqa: E402
-from rainfusion.reference import masked_attention, relative_l2, token_mask  # noqa: E402
+from rainfusion.reference import key_padding_mask, masked_attention, relative_l2, token_mask  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -66,14 +66,17 @@ def _mask(b: int, h: int, q_len: int, kv_len: int, block_size: int, *, density: 
     return BlockSparseMask(m.counts.to(DEVICE), m.indices.to(DEVICE), q_len, kv_len, block_size)
 
 
+def _allowed(q: torch.Tensor, k: torch.Tensor, mask: BlockSparseMask,
+             kv_valid_len: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, H, Nq, Nk]: the block mask in tokens, keys past kv_valid_len[b] excluded."""
+    allowed = token_mask(mask.expand(*q.shape[:2]))
+    return allowed if kv_valid_len is None else allowed & key_padding_mask(kv_valid_len, k.shape[2])
+
+
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float,
                kv_valid_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 output [B, H, Nq, D] and natural log-sum-exp [B, H, Nq] (-inf for empty rows)."""
-    b, h, _, _ = q.shape
-    allowed = token_mask(mask.expand(b, h))
-    if kv_valid_len is not None:
-        keys = torch.arange(k.shape[2], device=k.device)
-        allowed = allowed & (keys < kv_valid_len.view(-1, 1, 1, 1))
+    allowed = _allowed(q, k, mask, kv_valid_len)
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return masked_attention(q, k, v, allowed, scale=scale), lse
@@ -250,7 +253,7 @@ def test_gpu_bnhd_kv_valid_len_and_lse():
                                              return_lse=True)
     assert out.transpose(1, 2).is_contiguous()
     want, want_lse = _reference(q, k, v, mask, d**-0.5, kv_valid_len)
-    allowed = token_mask(mask.expand(b, h)) & (torch.arange(n, device="cuda") < kv_valid_len.view(-1, 1, 1, 1))
+    allowed = _allowed(q, k, mask, kv_valid_len)
     assert relative_l2(out, want) <= 2 * _sdpa_error(q, k, v, allowed, d**-0.5, want) + 1e-3
     _assert_lse_close(lse, want_lse, atol=1e-3)
 
