@@ -1,14 +1,14 @@
 """Kernel benchmark on a GPU: dense baselines vs block-sparse backends with the same mask.
 
 For each preset and density: SDPA cuDNN, SDPA flash, FA4 dense (once per preset), then with one
-random 128-block mask (diagonal kept): compiled FlexAttention, FA4 block-sparse, our kernel
-(BHND and BNHD inputs; the Gluon one on Hopper, where the Triton one is timed too as
-``triton-v3``) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
+random 128-block mask (diagonal kept): compiled FlexAttention (its output checked against our
+kernel's on the same mask), FA4 block-sparse, our kernel (BHND and BNHD inputs; the Gluon one on
+Hopper, where the Triton one is timed too as ``triton-v3``) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
 into permute / predict / attention / un-permute (auto backend, and end to end on Triton), the v1
 ARM and v1 end to end, and cuDNN once more for the run-to-run spread. Prints a table last and writes
 JSON (card name and date inside).
 
-    python benchmarks/attention.py --out results.json [--presets hunyuan-720p ...] [--quick]
+    python benchmarks/attention.py --out results.json [--presets hunyuan-720p ...] [--densities 0.2 ...]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from rainfusion.kernels import block_sparse
 from rainfusion.kernels.fa4 import block_sparse_attention_fa4, dense_attention_fa4, fa4_available
 from rainfusion.permutation import gather_tokens, token_order
 from rainfusion.predictor import predict_block_mask
+from rainfusion.reference import relative_l2
 
 
 def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 50) -> float:
@@ -94,7 +95,11 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
         mask = random_block_mask(1, heads, n, density)
         realized = float(mask.density().mean())
         flex_mask = mask.to_flex_block_mask()
-        add("flex", density, time_ms(lambda: flex(q, k, v, block_mask=flex_mask, scale=scale)), realized=realized)
+        # the same mask on both: FlexAttention's output against our kernel's (bf16 rounding ~3e-3)
+        agreement = relative_l2(flex(q, k, v, block_mask=flex_mask, scale=scale),
+                                block_sparse_attention(q, k, v, mask, backend="triton"))
+        add("flex", density, time_ms(lambda: flex(q, k, v, block_mask=flex_mask, scale=scale)), realized=realized,
+            rel_l2_vs_triton=agreement)
         if has_fa4:
             add("fa4-sparse", density, time_ms(lambda: block_sparse_attention_fa4(*views, mask, scale=scale)),
                 realized=realized)
@@ -132,11 +137,12 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
 
 
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'preset':<15} {'provider':<14} {'density':>7} {'ms':>9} {'vs cuDNN':>8}"]
+    lines = [f"{'preset':<15} {'provider':<14} {'density':>7} {'ms':>9} {'vs cuDNN':>8}  check"]
     cudnn = {r["preset"]: r["ms"] for r in rows if r["provider"] == "sdpa-cudnn"}
     for r in rows:
+        check = f"  rel L2 vs ours {r['rel_l2_vs_triton']:.4f}" if "rel_l2_vs_triton" in r else ""
         lines.append(f"{r['preset']:<15} {r['provider']:<14} {r.get('realized', r['density']):>7.3f} "
-                     f"{r['ms']:>9.2f} {cudnn[r['preset']] / r['ms']:>7.2f}x")
+                     f"{r['ms']:>9.2f} {cudnn[r['preset']] / r['ms']:>7.2f}x{check}")
     return "\n".join(lines)
 
 
@@ -148,15 +154,15 @@ def main() -> None:
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    rows = []
-    for name in args.presets:
-        rows += bench_preset(name, args.densities, dtype)
-        torch.cuda.empty_cache()
     report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  dtype=args.dtype, fa4=fa4_available(), rows=rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+                  dtype=args.dtype, fa4=fa4_available(), rows=[])
+    for name in args.presets:
+        report["rows"] += bench_preset(name, args.densities, dtype)
+        torch.cuda.empty_cache()
+        if args.out:  # after each preset: a run stopped by a time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+    rows = report["rows"]
     print(f"{report['card']}  {report['date']}  torch {report['torch']}  {args.dtype}")
     print(summary(rows))
 

@@ -33,6 +33,10 @@ def tables(report: dict) -> str:
             realized = by[("triton", d)]["realized"]
             cells = [f"{by[(p, d)]['ms']:.2f} ({cudnn / by[(p, d)]['ms']:.2f}x)" for p in SPARSE if (p, d) in by]
             out.append(f"| {d} ({realized:.3f}) | " + " | ".join(cells) + " |")
+        agreement = [by[("flex", d)]["rel_l2_vs_triton"] for d in densities if "rel_l2_vs_triton" in by.get(("flex", d), {})]
+        if agreement:
+            out += ["", f"FlexAttention's output against ours on the same masks: relative L2 "
+                    f"{min(agreement):.4f}-{max(agreement):.4f}."]
         out += ["", "| RainFusion pipeline | density | ms | vs cuDNN |", "|---|---|---|---|"]
         for p in PIPELINE:
             r = next((r for r in mine if r["provider"] == p), None)

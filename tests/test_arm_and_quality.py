@@ -9,13 +9,15 @@ meaningful: the same per-row block counts chosen at random gave 6-20x the v1 err
 blocks no better than chance fails.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rainfusion import (AttentionState, BlockSparseMask, RainFusion2Config, RainFusionConfig, VideoLayout,
                         block_sparse_attention, sparse_attention)
-from rainfusion.arm import recognise_heads
+from rainfusion.arm import _samples, arm_fractions, recognise_heads
 from rainfusion.head_patterns import PATTERN_NAMES
 from rainfusion.permutation import gather_tokens
 from rainfusion.reference import relative_l2
@@ -41,6 +43,28 @@ def test_arm_recognises_the_heads_the_data_was_built_with(layout, adaptive):
             correct += sum(PATTERN_NAMES[p] == kind for p, kind in zip(row, data.head_kinds))
             total += len(row)
     assert correct / total >= 0.9
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "+inf", "-inf"])
+def test_a_non_finite_sampled_element_counts_as_zero(value):
+    """NaN / inf in 4 dims of 2 sampled tokens of each sample, in q and k, give the verdict and
+    recalls of zeros there (NaN recalls would turn every head textural)."""
+    layout = LAYOUTS[1]
+    config = RainFusionConfig.rainfusion_plus()
+    data = synthetic_attention(layout, batch=2, heads=6, head_dim=64, seed=3)
+    samples = _samples(layout, arm_fractions(config), config.arm_queries, config.sink_first_frame,
+                       torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.cat([s.queries[torch.randint(s.queries.numel(), (2,), generator=g)] for s in samples])
+    where = (slice(None), slice(None), tokens[:, None], torch.randperm(64, generator=g)[:4])
+    q, k, q_bad, k_bad = data.query, data.key, data.query.clone(), data.key.clone()
+    for x, planted in ((q, 0.0), (k, 0.0), (q_bad, value), (k_bad, value)):
+        x[where] = planted
+    want = recognise_heads(q, k, layout, config, scale=0.125)
+    heads = recognise_heads(q_bad, k_bad, layout, config, scale=0.125)
+    assert (want.pattern != PATTERN_NAMES.index("textural")).any()
+    for field in ("pattern", "fraction_index", "local_recall", "global_recall"):
+        assert torch.equal(getattr(heads, field), getattr(want, field)), field
 
 
 def test_rainfusion_plus_narrows_concentrated_heads():

@@ -121,7 +121,12 @@ def bad(**changes):
         (dict(config=dict(sparsity=0.5)), TypeError, "config must be a RainFusionConfig or RainFusion2Config, got dict"),
         (dict(layout=(2, 8, 8)), TypeError, "layout must be a VideoLayout, got tuple"),
         (dict(state="step 3"), TypeError, "state must be an AttentionState or None, got str"),
-        (dict(scale=-1.0), ValueError, "scale must be a positive float or None, got -1.0"),
+        (dict(scale=-1.0), ValueError, r"scale must be a finite positive float or None \(1/sqrt\(head dim\)\), got -1.0"),
+        (dict(scale=float("inf")), ValueError, "scale must be a finite positive float or None .*, got inf"),
+        (dict(scale=float("nan")), ValueError, "scale must be a finite positive float or None .*, got nan"),
+        (dict(scale=0), ValueError, "scale must be a finite positive float or None .*, got 0"),
+        (dict(scale="0.1"), TypeError, "scale must be a float or None, got str"),
+        (dict(kv_valid_len=torch.tensor([0])), ValueError, "kv_valid_len marks padding at the end"),
         (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'fa4', 'triton', 'portable', 'reference'\)"),
         (dict(query="q"), TypeError, "query must be a torch.Tensor, got str"),
     ],
@@ -252,3 +257,18 @@ def test_kv_valid_len_needs_trailing_text():
     with pytest.raises(ValueError, match="kv_valid_len marks padding at the end of the sequence"):
         sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(block_size=64),
                          kv_valid_len=torch.tensor([layout.num_tokens - 3]))
+
+
+@pytest.mark.parametrize("num_steps", [None, 10])  # a sparse step, and a dense warm-up step
+def test_kv_valid_len_out_of_range_is_refused(num_steps):
+    layout = LAYOUTS[2]  # text after the video
+    q, k, v = qkv(layout, b=2, h=2, seed=9)
+    n, video = layout.num_tokens, layout.video_tokens
+    for bad in ([n, 0], [n, -4], [n + 1, n], [n, video - 1]):
+        with pytest.raises(ValueError, match=rf"kv_valid_len must be in \[{video}, {n}\], got values in "
+                                             r".*only the text after the video may be padding"):
+            sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(block_size=64),
+                             state=AttentionState(num_steps=num_steps), kv_valid_len=torch.tensor(bad))
+    out = sparse_attention(q, k, v, layout=layout, config=RainFusion2Config(block_size=64),
+                           kv_valid_len=torch.tensor([n, video]))  # the whole text padded: allowed
+    assert torch.isfinite(out).all()

@@ -1,6 +1,9 @@
 """The demo model's pieces on CPU at tiny sizes: procedural videos, latents, checkpoint,
 training, sampling with rainfusion applied to its (real diffusers) transformer."""
 
+import json
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from rainfusion.demo.training import train  # noqa: E402
 from rainfusion.demo.videos import VOCAB, VideoSpec, caption_text, contact_sheet, sample_videos  # noqa: E402
 from rainfusion.reference import relative_l2  # noqa: E402
 from rainfusion.state import AttentionState  # noqa: E402
+from test_cli import one_line_error  # noqa: E402
 
 TINY = dict(num_layers=2, ffn_dim=128, num_attention_heads=2, text_dim=32, freq_dim=32)
 
@@ -152,14 +156,42 @@ def test_demo_bad_input_says_what_to_do(tmp_path, capsys):
     assert "no demo checkpoint at" in capsys.readouterr().err
     path = tmp_path / "small.safetensors"
     save_checkpoint(DemoVideoModel(VideoSpec(frames=2, size=16), TINY), str(path))
-    assert main(["demo", "--checkpoint", str(path), "--steps", "0"]) == 2
-    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    assert one_line_error(["demo", "--checkpoint", str(path), "--steps", "0"], capsys) == \
+        "error: argument --steps: expected an integer >= 1, got '0'"
+    not_a_checkpoint = tmp_path / "garbage.safetensors"
+    not_a_checkpoint.write_bytes(b"not a safetensors file")
+    assert one_line_error(["demo", "--checkpoint", str(not_a_checkpoint)], capsys).startswith(
+        f"error: --checkpoint {not_a_checkpoint}: not a demo checkpoint (SafetensorError: ")
     with pytest.raises(ValueError, match="must start with the dense variant"):
         run_demo(path, variant_list=[Variant("v2", RainFusion2Config())])
     with pytest.raises(ValueError, match="steps and batch must be >= 1"):
         train(VideoSpec(frames=2, size=16), steps=0, batch=2, device="cpu")
     with pytest.raises(ValueError, match=r"stop_at must be in \[1, steps=5\], got 6"):
         train(VideoSpec(frames=2, size=16), steps=5, stop_at=6, batch=2, device="cpu")
+
+
+@pytest.mark.parametrize("module", ["diffusers", "safetensors"])
+def test_demo_without_its_packages_names_the_extra(module, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+    assert one_line_error(["demo", "--quick"], capsys) == \
+        f'error: rainfusion demo needs {module}: pip install "rainfusion[demo]"'
+
+
+def test_demo_without_matplotlib_runs_and_says_the_plot_is_skipped(tmp_path, monkeypatch, capsys):
+    from rainfusion.cli import main
+
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(DemoVideoModel(VideoSpec(frames=2, size=32), TINY).eval(), str(path), dtype=torch.float32)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError
+    out_dir = tmp_path / "out"
+    assert main(["demo", "--checkpoint", str(path), "--quick", "--steps", "1", "--block-size", "64",
+                 "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    skipped = [line for line in printed if "demo-quality.png" in line]
+    assert skipped == [f'skipped {out_dir / "demo-quality.png"}: the quality plot needs matplotlib: '
+                       'pip install "rainfusion[demo]"']
+    assert not (out_dir / "demo-quality.png").exists()
+    assert len(json.loads((out_dir / "demo.json").read_text())["rows"]) == 3
 
 
 def _recorded_qk(model: DemoVideoModel, *, noise: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,12 @@
 """``rainfusion generate`` end to end on a real tiny WanPipeline built offline and saved to disk,
 and the PSNR / SSIM it reports."""
 
+import contextlib
+import logging
 import math
 import re
+import shutil
+import sys
 import types
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 
 from rainfusion import generate as gen
 from rainfusion.cli import main
+from test_cli import one_line_error
 from tiny_pipelines import build_tiny_wan_pipeline, needs_pipeline
 
 @pytest.fixture(scope="module")
@@ -84,29 +89,76 @@ def test_generate_v1_without_mp4_encoder_falls_back_to_gif(tiny_wan_dir, tmp_pat
 
 
 def test_missing_model_directory_is_a_clean_error(tmp_path, capsys):
-    code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "a cat", "--out",
-                 str(tmp_path / "v.mp4")])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert err.strip() == f"error: model weights not found: no pipeline directory at {tmp_path / 'nope'}"
-    assert "Traceback" not in err
+    nope = tmp_path / "nope"
+    assert one_line_error(["generate", "--model", str(nope), "--prompt", "a cat", "--out", str(tmp_path / "v.mp4")],
+                          capsys) == f"error: --model {nope}: model weights not found, no pipeline directory there"
 
 
 def test_directory_without_a_pipeline_is_a_clean_error(tmp_path, capsys):
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "a cat"]) == 1
-    err = capsys.readouterr().err
-    assert "without model_index.json" in err and len(err.strip().splitlines()) == 1
+    assert one_line_error(["generate", "--model", str(tmp_path), "--prompt", "a cat"], capsys) == \
+        f"error: --model {tmp_path}: a directory without model_index.json, not a diffusers pipeline"
 
 
 @needs_pipeline
-def test_hub_id_not_available_locally_is_a_clean_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["generate", "--model", "rainfusion-tests/no-such-pipeline", "--prompt", "a cat"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "'rainfusion-tests/no-such-pipeline' are not available locally" in err
-    assert len(err.strip().splitlines()) == 1
+@pytest.mark.parametrize("offline", [True, False])
+def test_hub_id_not_available_locally_is_one_clean_line(offline, capfd, monkeypatch):
+    """Only the error on stderr, none of the hub's log lines (capfd: diffusers' log handler writes
+    to the stderr it found on import), whether HF_HUB_OFFLINE is set or the network is just absent."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    hub_id = "rainfusion-tests/no-such-pipeline"
+    code = main(["generate", "--model", hub_id, "--prompt", "a cat"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --model {hub_id}: not found locally (not a directory, not fully in the Hugging "
+                          "Face cache at ")
+    assert f"download it where there is network (hf download {hub_id})" in err
+
+
+def test_model_neither_a_directory_nor_a_hub_id_is_a_clean_error(capsys):
+    assert one_line_error(["generate", "--model", "not a hub id!", "--prompt", "p"], capsys).startswith(
+        "error: --model not a hub id!: neither a pipeline directory nor a hub id (Repo id must use alphanumeric chars")
+
+
+@needs_pipeline
+def test_broken_pipeline_directory_is_a_clean_error(tiny_wan_dir, tmp_path, capfd):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_wan_dir, broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    assert main(["generate", "--model", str(broken), "--prompt", "a cat"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: --model {broken}: cannot load this pipeline directory: ")
+
+
+def test_generate_without_diffusers_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it raises ImportError
+    assert one_line_error(["generate", "--model", "m", "--prompt", "p"], capsys) == \
+        'error: rainfusion generate needs diffusers: pip install "rainfusion[diffusers]"'
+
+
+@pytest.mark.parametrize("load_fails", [False, True])
+def test_logs_are_held_back_while_loading(load_fails, monkeypatch):
+    """What a library logs during the load comes after a load that works, not at all after one that
+    fails; its logger's handlers and propagation are as before either way."""
+    monkeypatch.setitem(sys.modules, "some_library", types.ModuleType("some_library"))
+    library = logging.getLogger("some_library")
+    seen = []
+    recorder = logging.Handler()
+    recorder.emit = lambda record: seen.append(record.getMessage())
+    monkeypatch.setattr(library, "handlers", [recorder])
+    monkeypatch.setattr(library, "propagate", False)
+    with pytest.raises(OSError) if load_fails else contextlib.nullcontext():
+        with gen.logs_held_back(("some_library",)):
+            library.getChild("hub").warning("Couldn't connect to the Hub")
+            assert seen == []
+            if load_fails:
+                raise OSError("not cached")
+    assert seen == ([] if load_fails else ["Couldn't connect to the Hub"])
+    assert library.handlers == [recorder] and library.propagate is False
 
 
 @needs_pipeline

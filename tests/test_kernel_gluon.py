@@ -5,16 +5,25 @@ the Gluon path was taken."""
 import pytest
 import torch
 
-from test_kernel_triton import _allowed, _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report
-from rainfusion.kernels import block_sparse
-from rainfusion.kernels.block_sparse import block_sparse_attention_triton
-from rainfusion.mask import BlockSparseMask
-from rainfusion.reference import relative_l2
+triton = pytest.importorskip("triton")
+from test_kernel_triton import _allowed, _assert_lse_close, _mask, _qkv, _reference, _sdpa_error, kernel_report  # noqa: E402
+from rainfusion.kernels import block_sparse  # noqa: E402
+from rainfusion.kernels.block_sparse import block_sparse_attention_triton  # noqa: E402
+from rainfusion.mask import BlockSparseMask  # noqa: E402
+from rainfusion.reference import relative_l2  # noqa: E402
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 hopper_only = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 
 
+@pytest.mark.parametrize("version,tested", [("3.6.0", True), ("3.6.1+git1234", True), ("3.7.1", False),
+                                            ("3.9.0", False), ("3.10.0", False), ("4.6.0", False)])
+def test_gluon_runs_only_on_the_triton_releases_it_was_tested_on(version, tested):
+    assert block_sparse.gluon_tested_on(version) == tested
+
+
+@pytest.mark.skipif(not block_sparse.gluon_tested_on(triton.__version__),
+                    reason=f"the Gluon kernel is not enabled on Triton {triton.__version__}")
 def test_gluon_kernel_compiles_for_sm90_without_spills():
     _, stack, shared, report = kernel_report(["--gluon"])
     assert stack == 0 and "LDL 0, STL 0" in report and shared <= 227 * 1024, report

@@ -95,3 +95,84 @@ def test_full_mask_keeps_every_block_and_stores_no_indices(q_len, kv_len, block_
 
     out = block_sparse_attention(q, k, v, mask.expand(2, 3), backend="portable")
     assert relative_l2(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+def _mask_args(counts, indices, kv_len=512):
+    return dict(counts=torch.tensor(counts, dtype=torch.int32), indices=torch.tensor(indices, dtype=torch.int32),
+                q_len=128 * len(counts[0][0]), kv_len=kv_len, block_size=128)
+
+
+@pytest.mark.parametrize(
+    "counts,indices,match",
+    [
+        # (batch, head, row) of the first bad row is named, and what is wrong with it
+        ([[[2, 2]], [[1, -1]]], [[[[0, 1], [1, 3]]], [[[2, 0], [0, 0]]]],
+         r"counts at \(batch 1, head 0, row 1\) is -1, outside \[0, kv_blocks = 4\]"),
+        ([[[5, 1]]], [[[[0, 1], [2, 0]]]], r"counts at \(batch 0, head 0, row 0\) is 5, outside \[0, kv_blocks = 4\]"),
+        ([[[1, 3]]], [[[[0, 1], [0, 1]]]], r"counts at \(batch 0, head 0, row 1\) is 3, more than the index table "
+                                           r"holds \(width 2\)"),
+        ([[[2, 1], [1, 2]]], [[[[0, 3], [1, 0]], [[3, 0], [2, 2]]]],
+         r"indices at \(batch 0, head 1, row 1\) lists key blocks \[2, 2\]: they must be strictly ascending"),
+        ([[[2, 2]]], [[[[3, 1], [0, 1]]]], r"indices at \(batch 0, head 0, row 0\) lists key blocks \[3, 1\]: "
+                                           "they must be strictly ascending"),
+        ([[[1, 2]]], [[[[0, 9], [1, 4]]]], r"indices at \(batch 0, head 0, row 1\) lists key blocks \[1, 4\], "
+                                           r"some outside \[0, kv_blocks = 4\)"),
+        ([[[1, 1]]], [[[[-2, 9], [0, 0]]]], r"indices at \(batch 0, head 0, row 0\) lists key blocks \[-2\], some "
+                                            "outside"),
+    ],
+)
+def test_user_masks_that_break_the_row_contract_are_rejected(counts, indices, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSparseMask(**_mask_args(counts, indices))
+
+
+def test_row_contract_accepts_edge_cases_and_check_false_skips_it():
+    # full rows (count = kv_blocks) read no entries, even with a narrow table; slots past a count are junk
+    ok = BlockSparseMask(**_mask_args([[[4, 0, 2]]], [[[[7, 7], [9, -1], [0, 3]]]]))
+    assert ok.to_dense()[0, 0].tolist() == [[True] * 4, [False] * 4, [True, False, False, True]]
+    bad = _mask_args([[[1, 1]]], [[[[3, 3], [5, 0]]]])
+    assert BlockSparseMask(**bad, check=False).counts.shape == (1, 1, 2)  # the caller vouches for it
+    with pytest.raises(ValueError, match=r"row 1\) lists key blocks \[5\]"):
+        BlockSparseMask(**bad, check=False).validate()
+    # what rainfusion builds itself passes the contract
+    g = torch.Generator().manual_seed(3)
+    for q_len, kv_len in ((300, 300), (257, 129), (64, 700)):
+        random_block_mask(2, 3, q_len, kv_len, 64, generator=g).validate()
+        BlockSparseMask.full(q_len, kv_len, block_size=64).expand(2, 3).validate()
+
+
+def test_a_duplicate_index_would_count_a_block_twice():
+    """Why the contract matters: a repeated block is a wrong answer on the portable backend."""
+    from rainfusion import block_sparse_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 512, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    duplicated = BlockSparseMask(torch.tensor([[[3, 4, 4, 4]]], dtype=torch.int32),
+                                 torch.tensor([[[[0, 0, 1]] * 4]], dtype=torch.int32), 512, 512, 128, check=False)
+    right = BlockSparseMask(torch.tensor([[[2, 4, 4, 4]]], dtype=torch.int32),
+                            torch.tensor([[[[0, 1, 3]] * 4]], dtype=torch.int32), 512, 512, 128)
+    wrong = block_sparse_attention(q, k, v, duplicated, backend="portable")
+    assert relative_l2(wrong[:, :, :128], masked_attention(q, k, v, right)[:, :, :128]) > 1e-3
+    with pytest.raises(ValueError, match=r"row 0\) lists key blocks \[0, 0, 1\]: they must be strictly ascending"):
+        duplicated.validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,heads,q_len,kv_len,density", [(1, 2, 3520, 3520, 0.3), (2, 3, 1000, 1700, 0.5),
+                                                              (1, 4, 8192, 8192, 0.2), (2, 1, 300, 4000, 1.0)])
+def test_flex_block_mask_under_compiled_flex_on_cuda(batch, heads, q_len, kv_len, density):
+    """Compiled FlexAttention (its Triton kernel) with the converted mask against the exact masked
+    attention: per-head masks, empty and full rows, tails that are not whole blocks."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    g = torch.Generator().manual_seed(q_len)
+    mask = random_block_mask(batch, heads, q_len, kv_len, 128, density=density, generator=g)
+    mask = BlockSparseMask(mask.counts.cuda(), mask.indices.cuda(), q_len, kv_len, 128)
+    q = torch.randn(batch, heads, q_len, 64, generator=g).cuda().bfloat16()
+    k, v = (torch.randn(batch, heads, kv_len, 64, generator=g).cuda().bfloat16() for _ in range(2))
+    flex = torch.compile(flex_attention, dynamic=False)
+    out = flex(q, k, v, block_mask=mask.to_flex_block_mask())
+    ref = masked_attention(q, k, v, mask)
+    seen = mask.counts > 0  # flex gives 0 for a row with no block, as we do
+    assert seen.any()
+    assert relative_l2(out, ref) < 5e-3

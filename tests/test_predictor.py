@@ -6,6 +6,8 @@ import torch
 from rainfusion.config import RainFusion2Config
 from rainfusion.predictor import block_means, keep_count, predict_block_mask
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_block_means_average_real_tokens_of_the_tail():
     x = torch.randn(2, 3, 300, 8)
@@ -13,6 +15,66 @@ def test_block_means_average_real_tokens_of_the_tail():
     assert means.shape == (2, 3, 3, 8)
     assert torch.allclose(means[:, :, 0], x[:, :, :128].mean(2), atol=1e-6)
     assert torch.allclose(means[:, :, 2], x[:, :, 256:].mean(2), atol=1e-6)
+
+
+def reference_block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float64 [B, H, ceil(N / block_size), D]: each block's mean over its tokens, non-finite as 0."""
+    x = x.double()
+    x = torch.where(x.isfinite(), x, 0.0)
+    return torch.stack([block.mean(2) for block in x.split(block_size, dim=2)], dim=2)
+
+
+def with_non_finite(shape: tuple[int, int, int, int], generator: torch.Generator, bnhd: bool = False) -> torch.Tensor:
+    """Normal x [B, H, N, D] (a transpose of [B, N, H, D] memory when ``bnhd``) with NaN, +inf and
+    -inf each planted at 8 random elements and at 3 dims of one token in every head."""
+    b, h, n, d = shape
+    x = torch.randn((b, n, h, d) if bnhd else shape, generator=generator)
+    x = x.transpose(1, 2) if bnhd else x
+    for value in (math.nan, math.inf, -math.inf):
+        x[tuple(torch.randint(size, (8,), generator=generator) for size in shape)] = value
+        x[:, :, int(torch.randint(n, (1,), generator=generator)), torch.randperm(d, generator=generator)[:3]] = value
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,bs", [(300, 128), (1000, 64)])
+def test_block_means_count_non_finite_elements_as_zero(n, bs, dtype):
+    x = with_non_finite((2, 3, n, 16), torch.Generator().manual_seed(n)).to(dtype)
+    means = block_means(x, bs)
+    assert means.dtype == torch.float32 and means.isfinite().all()
+    torch.testing.assert_close(means.double(), reference_block_means(x, bs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,d,bs,bnhd", [(300, 64, 128, False), (200, 128, 64, True), (128, 64, 128, True),
+                                         (65, 128, 64, False)])
+def test_block_means_kernel_matches_a_float64_reference_and_the_torch_path(n, d, bs, bnhd):
+    """The Triton kernel (under the interpreter on CPU) on float32, tails and strided inputs."""
+    kernel = pytest.importorskip("rainfusion.kernels.block_means")
+    x = with_non_finite((1, 2, n, d), torch.Generator().manual_seed(n + d), bnhd)
+    means = kernel.block_means_triton(x.to(DEVICE), bs).cpu()
+    assert means.dtype == torch.float32 and means.shape == (1, 2, -(-n // bs), d)
+    torch.testing.assert_close(means.double(), reference_block_means(x, bs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(means, block_means(x, bs), rtol=0, atol=1e-6)
+
+
+def test_block_means_kernel_is_a_custom_op():
+    kernel = pytest.importorskip("rainfusion.kernels.block_means")
+    x = with_non_finite((1, 2, 130, 64), torch.Generator().manual_seed(1)).to(DEVICE)
+    torch.library.opcheck(torch.ops.rainfusion.block_means.default, (x, 64))
+    assert kernel.block_means_triton(x, 64).isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d,bs", [(64, 64), (96, 128), (128, 128)])
+def test_gpu_block_means_kernel_matches_a_float64_reference(dtype, d, bs):
+    """block_means on CUDA runs the kernel: bf16 / fp16 [B, N, H, D] memory, 4111 tokens."""
+    from rainfusion.kernels.block_means import block_means_triton
+
+    x = with_non_finite((2, 4, 4111, d), torch.Generator().manual_seed(d), bnhd=True).to(dtype)
+    means = block_means(x.cuda(), bs)
+    assert torch.equal(means, block_means_triton(x.cuda(), bs))
+    torch.testing.assert_close(means.cpu().double(), reference_block_means(x, bs), rtol=0, atol=1e-5)
 
 
 def pooled_probs(q, k, bs):

@@ -11,7 +11,8 @@ Recall is the softmax mass (over the sampled keys) inside the band, averaged ove
 queries. Rule: temporal if local recall >= alpha, else spatial if global recall >= alpha (and
 there is more than one frame to band over), else textural (or, with ``textural=False``, the band
 with the higher recall). RainFusion+ then takes, for the chosen band, the smallest candidate
-bandwidth whose recall reaches ``adaptive_recall``.
+bandwidth whose recall reaches ``adaptive_recall``. A non-finite sampled element counts as 0, so
+one NaN or inf token cannot flip a head's pattern.
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def _samples(layout: VideoLayout, fractions: tuple[float, ...], max_queries: int
 
 
 def _recall(query: torch.Tensor, key: torch.Tensor, sample: _Sample, scale: float) -> torch.Tensor:
-    """float32 [B, H, F]: mean over sampled queries of the softmax mass inside each band."""
-    q = query.index_select(2, sample.queries).float()
-    k = key.index_select(2, sample.keys).float()
+    """float32 [B, H, F]: mean over sampled queries of the softmax mass inside each band
+    (non-finite sampled elements count as 0)."""
+    q, k = (x.index_select(2, tokens).float().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+            for x, tokens in ((query, sample.queries), (key, sample.keys)))
     probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
     return torch.einsum("bhqk,fqk->bhf", probs, sample.inside) / sample.queries.numel()
 

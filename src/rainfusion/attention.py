@@ -7,7 +7,7 @@ import time
 import torch
 
 from .arm import arm_fractions, recognise_heads
-from .backends import dense_attention, resolve_backend, run_block_sparse
+from .backends import dense_attention, needs_grad, resolve_backend, run_block_sparse
 from .checks import check_block_mask, check_kv_valid_len, check_qkv, check_scale
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
@@ -23,14 +23,18 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     """Attention restricted to the key blocks listed in ``block_mask``.
 
     query [B, H, Nq, D], key/value [B, H, Nk, D]; block_mask for (B or 1, H or 1) with
-    q_len == Nq and kv_len == Nk; kv_valid_len (int [B], optional): keys at positions >= it are
-    padding and ignored (e.g. padded text). Returns [B, H, Nq, D] in the input dtype. Query rows
-    that see no key give 0.
+    q_len == Nq and kv_len == Nk (its contents were checked when it was built, see
+    ``BlockSparseMask``); kv_valid_len (int [B] in [1, Nk], optional): keys at positions >= it
+    are padding and ignored (e.g. padded text); checking it reads one value on the host. Returns
+    [B, H, Nq, D] in the input dtype (float64 computed in float64). Query rows that see no key
+    give 0. Differentiable on the ``portable`` and ``reference`` backends (see ``backends``).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(block_mask, query, key)
-    kv_valid_len = check_kv_valid_len(kv_valid_len, query)
-    name = resolve_backend(backend, query, mask.block_size, padded_keys=kv_valid_len is not None)
+    kv_valid_len = check_kv_valid_len(kv_valid_len, query, valid_range=(1, key.shape[2]),
+                                      why=" (at least one valid key, at most the key count)")
+    name = resolve_backend(backend, query, mask.block_size, padded_keys=kv_valid_len is not None,
+                           grad=needs_grad(query, key, value))
     return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]), kv_valid_len)
 
 
@@ -70,7 +74,10 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     type. ``state`` (one per attention layer) carries the step index for the dense warm-up, the
     cached mask between refreshes and the last call's ``stats``. ``kv_valid_len`` (int [B]):
     keys at positions >= it are padding (the end of text placed after the video, as
-    HunyuanVideo pads its prompt). Returns [B, H, N, D] in the input dtype.
+    HunyuanVideo pads its prompt): at least the video's token count, at most N. Returns
+    [B, H, N, D] in the input dtype; float64 inputs are computed in float64 on dense and sparse
+    steps alike. Gradients flow on the PyTorch backends (see ``backends``), the masks being
+    constants.
     """
     check_qkv(query, key, value)
     if not isinstance(layout, VideoLayout):
@@ -82,10 +89,11 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     layout.check_sequence_length(query.shape[2], "query")
     layout.check_sequence_length(key.shape[2], "key")
     scale = check_scale(scale, query.shape[-1])
-    kv_valid_len = check_kv_valid_len(kv_valid_len, query)
     if kv_valid_len is not None and layout.text_position != "after":
         raise ValueError("kv_valid_len marks padding at the end of the sequence, which must be text after the "
                          f"video; layout has text_position={layout.text_position!r}")
+    kv_valid_len = check_kv_valid_len(kv_valid_len, query, valid_range=(layout.text_start, key.shape[2]),
+                                      why=" (only the text after the video may be padding)")
     method = "rainfusion" if isinstance(config, RainFusionConfig) else "rainfusion2"
     b, h = query.shape[:2]
     step = state.step if state is not None else 0
@@ -97,7 +105,8 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             state.stats = AttentionStats(method, dense_backend, step, True, torch.ones(b, h, device=query.device))
         return out
 
-    name = resolve_backend(backend, query, config.block_size, padded_keys=kv_valid_len is not None)
+    name = resolve_backend(backend, query, config.block_size, padded_keys=kv_valid_len is not None,
+                           grad=needs_grad(query, key, value))
     cache_key = (tuple(query.shape), query.device, layout, config)
     cache = state.cache if state is not None else None
     sparse_step = step - warmup
@@ -109,15 +118,17 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         order = _v2_order(layout, config, query.device)
         permuted = [gather_tokens(t, order.index) for t in (query, key, value)]
         if not reuse:
-            mask, predict_seconds = _timed(
-                lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense,
-                                           num_dense_tail=order.num_dense_tail, config=config, scale=scale),
-                profile, query.device)
+            with torch.no_grad():  # the mask is a constant of the attention: no graph through it
+                mask, predict_seconds = _timed(
+                    lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense,
+                                               num_dense_tail=order.num_dense_tail, config=config, scale=scale),
+                    profile, query.device)
             cache = MaskCache(cache_key, sparse_step, mask, order.index, order.inverse, None)
     else:  # each head's order follows its recognised pattern
         if not reuse:
-            cache, predict_seconds = _timed(lambda: _predict_v1(query, key, layout, config, scale, cache_key,
-                                                                sparse_step), profile, query.device)
+            with torch.no_grad():
+                cache, predict_seconds = _timed(lambda: _predict_v1(query, key, layout, config, scale, cache_key,
+                                                                    sparse_step), profile, query.device)
         permuted = [gather_tokens(t, cache.order) for t in (query, key, value)]
 
     # trailing text stays at the end in every token order: the padding is still a suffix

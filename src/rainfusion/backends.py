@@ -8,6 +8,11 @@
 - ``auto``: on CUDA ``fa4`` where it applies, else ``triton``, else ``portable`` (a fallback
   from the fastest kernel is logged once); ``portable`` elsewhere.
 
+Gradients: ``portable`` and ``reference`` are plain PyTorch, so autograd differentiates them (the
+mask is a constant); ``fa4`` and ``triton`` are forward only and refuse inputs that need a
+gradient, for which ``auto`` picks ``portable`` (logged once). Under ``torch.no_grad()`` or
+``torch.inference_mode()`` nothing needs a gradient.
+
 Dense work (warm-up steps, dense layers) goes to ``dense_attention``: FA4 dense where it applies,
 else PyTorch SDPA.
 """
@@ -48,6 +53,11 @@ def triton_available() -> bool:
     return True
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd would record an op on these tensors (grad mode on, one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -68,14 +78,23 @@ def _triton_kernel_takes(query: torch.Tensor) -> bool:
     return query.dtype in DTYPES and query.shape[-1] in HEAD_DIMS
 
 
-def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_keys: bool = False) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_keys: bool = False,
+                    grad: bool = False) -> str:
     """The backend that will run ``query`` [B, H, N, D] with masks of ``block_size`` for the
-    requested ``backend``; ``padded_keys``: the call has per-item valid key counts (FA4 can't)."""
+    requested ``backend``; ``padded_keys``: the call has per-item valid key counts (FA4 can't);
+    ``grad``: the inputs need a gradient (only the PyTorch backends have one)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = query.device
+    if grad and backend in ("fa4", "triton"):
+        raise ValueError(f"backend={backend!r} is forward only, and the inputs require grad: use backend='portable' "
+                         "(or 'auto') to train through it, or call it under torch.no_grad() for inference")
     if backend == "auto":
         if device.type != "cuda":
+            return "portable"
+        if grad:
+            log_once("rainfusion: the inputs require grad, and the GPU kernels are forward only: the slower "
+                     "portable backend runs (use torch.no_grad() or torch.inference_mode() for inference)")
             return "portable"
         if _fa4_applies(query, block_size) and not padded_keys:
             return "fa4"
@@ -110,9 +129,11 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (1.13-1.22x SDPA cuDNN on an H100), else PyTorch SDPA (cuDNN first on CUDA). Keys at
     positions >= kv_valid_len[b] are masked out: on CUDA by our Triton kernel with a full block
     mask (HunyuanVideo 720p dense steps 1.21x faster than on SDPA cuDNN with the key mask, H100),
-    elsewhere by SDPA with a mask. Returns (output, backend name)."""
+    elsewhere by SDPA with a mask; inputs that need a gradient always go to SDPA. Returns
+    (output, backend name)."""
+    forward_only = not needs_grad(query, key, value)
     if kv_valid_len is not None:
-        if _triton_kernel_takes(query):
+        if forward_only and _triton_kernel_takes(query):
             from .kernels.block_sparse import block_sparse_attention_triton
 
             full = BlockSparseMask.full(query.shape[2], key.shape[2], device=query.device)
@@ -120,7 +141,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                                  kv_valid_len=kv_valid_len), "triton"
         allowed = key_padding_mask(kv_valid_len, key.shape[2])
         return _sdpa(query, key, value, scale, allowed), "sdpa"
-    if query.is_cuda and _fa4_applies(query, 128):
+    if forward_only and query.is_cuda and _fa4_applies(query, 128):
         from .kernels.fa4 import dense_attention_fa4
 
         return dense_attention_fa4(query, key, value, scale=scale), "fa4"

@@ -13,6 +13,7 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,8 @@ def run_bench(preset: str = "small", *, methods: list[str] | None = None, batch:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods must be among {list(METHODS)}, got unknown {unknown}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     spec = PRESETS[preset]
     heads = spec.heads if heads is None else heads
     data = synthetic_attention(spec.layout, batch=batch, heads=heads, head_dim=spec.head_dim, seed=seed,
@@ -177,5 +180,7 @@ def check_report(report: dict) -> list[str]:
 
 
 def save_json(report: dict, path: str) -> None:
+    """Write the report as JSON, creating the missing folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)

@@ -1,10 +1,13 @@
 """Input checks shared by the public entry points and the kernel launchers.
 
 Each raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what was
-given.
+given (``require``: an ``ImportError`` naming the extra that installs a missing package).
 """
 
 from __future__ import annotations
+
+import importlib
+import math
 
 import torch
 
@@ -60,16 +63,25 @@ def check_block_mask(mask: object, query: torch.Tensor, key: torch.Tensor, name:
 
 
 def check_scale(scale: object, head_dim: int) -> float:
-    """The softmax scale: ``scale`` if a positive number, 1/sqrt(head_dim) if None."""
+    """The softmax scale: ``scale`` if a finite positive number, 1/sqrt(head_dim) if None."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive float or None (1/sqrt(head dim)), got {scale!r}")
     return float(scale)
 
 
-def check_kv_valid_len(kv_valid_len: object, query: torch.Tensor) -> torch.Tensor | None:
-    """Per-item valid key counts as int32 [B] on the query's device (None stays None)."""
+def check_kv_valid_len(kv_valid_len: object, query: torch.Tensor,
+                       valid_range: tuple[int, int] | None = None, why: str = "") -> torch.Tensor | None:
+    """Per-item valid key counts as int32 [B] on the query's device (None stays None).
+
+    With ``valid_range`` (low, high), as the public entry points pass it, every count must lie in
+    [low, high] (else a ValueError ending with ``why``): that reads their range on the host (one
+    device synchronisation). The kernels
+    take any count in [0, Nk] unchecked (rows with no key give 0).
+    """
     if kv_valid_len is None:
         return None
     if not isinstance(kv_valid_len, torch.Tensor) or kv_valid_len.dtype not in (torch.int32, torch.int64):
@@ -79,4 +91,18 @@ def check_kv_valid_len(kv_valid_len: object, query: torch.Tensor) -> torch.Tenso
         raise ValueError(f"kv_valid_len must have shape [{query.shape[0]}], got {tuple(kv_valid_len.shape)}")
     if kv_valid_len.device != query.device:
         raise ValueError(f"kv_valid_len is on {kv_valid_len.device}, but query is on {query.device}")
+    if valid_range is not None:
+        low, high = (int(x) for x in torch.aminmax(kv_valid_len))
+        if low < valid_range[0] or high > valid_range[1]:
+            raise ValueError(
+                f"kv_valid_len must be in [{valid_range[0]}, {valid_range[1]}], got values in [{low}, {high}]{why}"
+            )
     return kv_valid_len.to(torch.int32)
+
+
+def require(module: str, needed_by: str, extra: str) -> None:
+    """Import ``module``, or raise a one-line ImportError naming the extra that installs it."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f'{needed_by} needs {module}: pip install "rainfusion[{extra}]"') from None

@@ -3,10 +3,14 @@ optionally next to the dense video of the same seed (PSNR, SSIM, time, realized 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import logging.handlers
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +20,17 @@ import torch.nn.functional as F
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 
 METHODS = ("rainfusion", "rainfusion+", "rainfusion2")
+LOADING_LIBRARIES = ("diffusers", "huggingface_hub", "transformers")  # whose logs load_pipeline holds back
 
 
-class ModelNotAvailable(Exception):
-    """The pipeline's weights are neither a local directory nor in the Hugging Face cache."""
+class ModelNotAvailable(ValueError):
+    """The pipeline cannot be loaded: not a pipeline directory, not in the Hugging Face cache, or broken."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line of text, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,35 +117,60 @@ def _looks_like_path(name: str) -> bool:
             or os.sep != "/" and os.sep in name)
 
 
+@contextlib.contextmanager
+def logs_held_back(libraries: tuple[str, ...] = LOADING_LIBRARIES) -> Iterator[None]:
+    """Hold back what these (imported) libraries log while the body runs: replayed when it succeeds,
+    dropped when it raises (its error says what went wrong). Their loggers are restored either way."""
+    # a library imported inside the body would set up its logger there, so only imported ones are held
+    loggers = [logging.getLogger(name) for name in libraries if name in sys.modules]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    held = logging.handlers.BufferingHandler(capacity=sys.maxsize)
+    for logger in loggers:
+        logger.handlers, logger.propagate = [held], False
+    try:
+        yield
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers, logger.propagate = handlers, propagate
+    for record in held.buffer:
+        logging.getLogger(record.name).handle(record)
+
+
 def load_pipeline(model: str, dtype: torch.dtype) -> object:
-    """``DiffusionPipeline.from_pretrained`` on a local directory or a cached hub id.
+    """``DiffusionPipeline.from_pretrained`` on a local directory or a cached hub id, the libraries'
+    log lines held back (see ``logs_held_back``).
 
     Raises ModelNotAvailable (one line) when the weights cannot be found locally or fetched."""
     from diffusers import DiffusionPipeline
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError
 
     path = Path(model).expanduser()
     local = path.is_dir()
     if local:
         if not (path / "model_index.json").is_file():
-            raise ModelNotAvailable(f"{model} is a directory without model_index.json: not a diffusers pipeline")
+            raise ModelNotAvailable(f"--model {model}: a directory without model_index.json, not a diffusers pipeline")
         source = str(path)
     elif path.exists() or _looks_like_path(model):
-        raise ModelNotAvailable(f"model weights not found: no pipeline directory at {model}")
+        raise ModelNotAvailable(f"--model {model}: model weights not found, no pipeline directory there")
     else:
         source = model  # a hub id: the local cache, or a download where the network allows it
     try:
-        from huggingface_hub.errors import HFValidationError
-    except ImportError:  # pragma: no cover - huggingface_hub always comes with diffusers
-        HFValidationError = ValueError  # noqa: N806
-    try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype)
-    except (OSError, HFValidationError) as error:
+        with logs_held_back():
+            return DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    except HFValidationError as error:
+        raise ModelNotAvailable(f"--model {model}: neither a pipeline directory nor a hub id ({first_line(error)})") \
+            from None
+    except OSError as error:
         if local:
-            raise  # a local directory: a real read error, show it as it is
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelNotAvailable(f"--model {model}: cannot load this pipeline directory: {first_line(error)}") \
+                from None
+        # diffusers raises "not fully cached" from the error of its hub request: that one says why
+        hub_error = first_line(error.__cause__ or error)
         raise ModelNotAvailable(
-            f"model weights for {model!r} are not available locally (not a directory, not fully in the "
-            f"Hugging Face cache) and could not be downloaded: {reason}"
+            f"--model {model}: not found locally (not a directory, not fully in the Hugging Face cache at "
+            f"{HF_HUB_CACHE}) and not fetched from the hub ({hub_error}); download it where there is network "
+            f"(hf download {model}) into this cache, or pass a pipeline directory"
         ) from None
     except ValueError as error:
         if "low_cpu_mem_usage" in str(error):
@@ -239,7 +275,7 @@ def write_video(video: torch.Tensor, out: Path, fps: int) -> tuple[Path, str | N
                 return out, None
             reason = f"{encoder} wrote no file"
         except Exception as error:  # noqa: BLE001 - any encoder failure falls back to GIF
-            reason = f"MP4 encoding with {encoder} failed: {str(error).strip().splitlines()[0] if str(error) else error!r}"
+            reason = f"MP4 encoding with {encoder} failed: {first_line(error)}"
     return _to_gif(video, out.with_suffix(".gif"), fps), reason
 
 
@@ -348,13 +384,9 @@ def main_generate(args) -> int:
     """CLI handler (argparse namespace from ``rainfusion.cli``)."""
     from .cli import dtype_for
 
-    try:
-        generate(model=args.model, prompt=args.prompt, method=args.method, sparsity=args.sparsity,
-                 steps=args.steps, out=args.out, compare=args.compare, seed=args.seed, frames=args.frames,
-                 height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
-                 dtype=dtype_for(args.dtype, args.device),
-                 block_size=args.block_size, fps=args.fps, progress=not args.no_progress)
-    except ModelNotAvailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    generate(model=args.model, prompt=args.prompt, method=args.method, sparsity=args.sparsity,
+             steps=args.steps, out=args.out, compare=args.compare, seed=args.seed, frames=args.frames,
+             height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
+             dtype=dtype_for(args.dtype, args.device),
+             block_size=args.block_size, fps=args.fps, progress=not args.no_progress)
     return 0

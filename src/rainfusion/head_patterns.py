@@ -86,7 +86,7 @@ class HeadPatternTable:
         indices = torch.where(slot < head, slot, lo.unsqueeze(-1) + slot - head)
         indices = torch.where(slot >= band_end, tail + slot - band_end, indices)
         return BlockSparseMask(
-            counts.to(torch.int32), indices.to(torch.int32), self.seq_len, self.seq_len, self.block_size
+            counts.to(torch.int32), indices.to(torch.int32), self.seq_len, self.seq_len, self.block_size, check=False
         )
 
 

@@ -10,11 +10,17 @@ The format is the one every backend reads (the same information as FlexAttention
 A row whose count equals ``kv_blocks`` is *full*: it visits every key block in order and reads
 no entries of ``indices``. So the table only needs the width of the widest non-full row, and
 forced-dense rows (text, first-frame sink) cost no storage.
+
+This is the mask-row contract every kernel relies on: a count is in [0, kv_blocks]; a non-full
+row's count is at most the table width and its listed blocks are in [0, kv_blocks) and strictly
+ascending. A mask built with the constructor is checked against it (``validate``: one host
+synchronisation); the masks rainfusion builds itself (predictors, patterns, ``from_dense``,
+``full``, ``expand``) pass ``check=False``, so the attention hot path never synchronises.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -36,16 +42,26 @@ def num_blocks(length: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class BlockSparseMask:
-    """Per (batch, head, query block) list of key blocks to visit; see the module docstring."""
+    """Per (batch, head, query block) list of key blocks to visit; see the module docstring.
+
+    ``check`` (default True) validates the contents on construction (``validate``); pass False
+    only for tables built to the contract (it then costs no host synchronisation). The tensors
+    are not copied: changing them afterwards is not checked again.
+    """
 
     counts: torch.Tensor
     indices: torch.Tensor
     q_len: int
     kv_len: int
     block_size: int = 128
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool) -> None:
         check_block_size(self.block_size)
+        for name in ("q_len", "kv_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"BlockSparseMask.{name} must be an int, got {type(value).__name__}")
         for name in ("counts", "indices"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor):
@@ -72,6 +88,43 @@ class BlockSparseMask:
                 f"BlockSparseMask.counts has {self.counts.shape[2]} query blocks, but q_len={self.q_len} "
                 f"with block_size={self.block_size} needs {self.q_blocks}"
             )
+        if check:
+            self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first (batch, head, row) that breaks the mask-row
+        contract (module docstring). Reads one bool on the host (a device synchronisation)."""
+        kb, width = self.kv_blocks, self.indices.shape[-1]
+        counts = self.counts.long()
+        full = counts == kb
+        listed = (torch.arange(width, device=counts.device) < counts.unsqueeze(-1)) & ~full.unsqueeze(-1)
+        blocks = self.indices.long()
+        out_of_range = listed & ((blocks < 0) | (blocks >= kb))
+        not_ascending = listed[..., 1:] & (blocks[..., 1:] <= blocks[..., :-1])
+        bad_count = (counts < 0) | (counts > kb) | (~full & (counts > width))
+        bad_row = bad_count | out_of_range.any(-1) | not_ascending.any(-1)
+        if not bool(bad_row.any()):
+            return
+        b, h, row = (int(i) for i in bad_row.nonzero()[0])
+        where = f"(batch {b}, head {h}, row {row})"
+        count = int(counts[b, h, row])
+        if bad_count[b, h, row]:
+            if 0 <= count <= kb:
+                raise ValueError(
+                    f"BlockSparseMask.counts at {where} is {count}, more than the index table holds (width "
+                    f"{width}); a row lists at most `width` blocks, or is full with count = kv_blocks = {kb}"
+                )
+            raise ValueError(f"BlockSparseMask.counts at {where} is {count}, outside [0, kv_blocks = {kb}]")
+        row_blocks = blocks[b, h, row, :count].tolist()
+        if out_of_range[b, h, row].any():
+            raise ValueError(
+                f"BlockSparseMask.indices at {where} lists key blocks {row_blocks}, some outside "
+                f"[0, kv_blocks = {kb})"
+            )
+        raise ValueError(
+            f"BlockSparseMask.indices at {where} lists key blocks {row_blocks}: they must be strictly "
+            "ascending (sorted, no duplicates)"
+        )
 
     @property
     def q_blocks(self) -> int:
@@ -109,7 +162,7 @@ class BlockSparseMask:
         # Stable sort of "not kept" puts the kept blocks first, in ascending order.
         order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
         indices = order[..., :width].to(torch.int32).contiguous()
-        return cls(counts, indices, q_len, kv_len, block_size)
+        return cls(counts, indices, q_len, kv_len, block_size, check=False)
 
     @classmethod
     def full(cls, q_len: int, kv_len: int, *, block_size: int = 128,
@@ -118,7 +171,7 @@ class BlockSparseMask:
         (broadcast over both); stores no index entries."""
         q_blocks = num_blocks(q_len, check_block_size(block_size))
         counts = torch.full((1, 1, q_blocks), num_blocks(kv_len, block_size), dtype=torch.int32, device=device)
-        return cls(counts, counts.new_empty(1, 1, q_blocks, 0), q_len, kv_len, block_size)
+        return cls(counts, counts.new_empty(1, 1, q_blocks, 0), q_len, kv_len, block_size, check=False)
 
     def to_dense(self) -> torch.Tensor:
         """bool [B, H, q_blocks, kv_blocks]."""
@@ -148,22 +201,26 @@ class BlockSparseMask:
     def to_flex_block_mask(self):
         """The same mask as a ``torch.nn.attention.flex_attention.BlockMask``.
 
-        The kept blocks are FlexAttention's *full* blocks (computed without a mask_mod); the
-        mask_mod reproduces the block mask for FlexAttention's unfused eager path.
+        The kept blocks are FlexAttention's *full* blocks (computed without a mask_mod); there are
+        no partial blocks, but their table must have the full table's shape [B, H, q_blocks,
+        kv_blocks] (compiled FlexAttention reads both with one stride: a narrower one gives wrong
+        outputs on CUDA). The mask_mod reproduces the block mask for FlexAttention's eager path.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
         dense = self.to_dense()
         bs = self.block_size
+        batch_step, head_step = int(dense.shape[0] > 1), int(dense.shape[1] > 1)  # 0: broadcast
 
         def keep_block(b, h, q_idx, kv_idx):
-            return dense[b, h, q_idx // bs, kv_idx // bs]
+            return dense[b * batch_step, h * head_step, q_idx // bs, kv_idx // bs]
 
+        full_indices = self.full_indices()
         return BlockMask.from_kv_blocks(
             torch.zeros_like(self.counts),
-            torch.zeros_like(self.indices[..., :1]).expand(*self.counts.shape, 1).contiguous(),
+            torch.zeros_like(full_indices),
             self.counts.contiguous(),
-            self.full_indices(),
+            full_indices,
             BLOCK_SIZE=bs,
             mask_mod=keep_block,
             seq_lengths=(self.q_len, self.kv_len),
@@ -186,4 +243,5 @@ class BlockSparseMask:
             self.q_len,
             self.kv_len,
             self.block_size,
+            check=False,
         )

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from .backends import triton_available
+from .backends import needs_grad, triton_available
 from .layout import VideoLayout
 from .mask import num_blocks
 
@@ -129,9 +129,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, D] reordered along N: ``out[..., i, :] = x[..., index[i], :]``.
 
     index is int64 [N] (one order for all heads) or [B, H, N] (one order per head). On CUDA a
-    Triton row gather runs at near copy bandwidth (2.3x ``index_select`` on an H100).
+    Triton row gather runs at near copy bandwidth (2.3x ``index_select`` on an H100); where x
+    needs a gradient, PyTorch's differentiable gathers.
     """
-    if x.is_cuda and triton_available():
+    if x.is_cuda and triton_available() and not needs_grad(x):
         from .kernels.gather_rows import gather_rows_triton
 
         return gather_rows_triton(x, index)

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from .checks import require
 from .head_patterns import PATTERN_NAMES
 from .state import AttentionState
+
+require("matplotlib", "--plot", "plot")  # on import: `rainfusion bench --plot` fails before it runs
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 COLORS = ("blue", "orange", "green")
 
 
 def plot_bench(report: dict, states: dict[str, AttentionState], path: str) -> None:
-    """Write a PNG: error vs density per method, v1 head patterns, one v2 block mask."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-    except ImportError as error:
-        raise ImportError("--plot needs matplotlib: pip install 'rainfusion[plot]'") from error
-
+    """Write a PNG (and its missing folders): error vs density per method, v1 head patterns, one v2 block mask."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     ax = axes[0]
     for r in report["results"]:
@@ -49,5 +50,6 @@ def plot_bench(report: dict, states: dict[str, AttentionState], path: str) -> No
     else:
         ax.axis("off")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,8 @@ block runs fused SDPA over all keys; a row with a sparse list gathers only its l
 (work proportional to the kept blocks) and runs SDPA over them with a mask for unused slots and
 the key tail; a row where only some heads are full runs SDPA over all keys with its block mask.
 Peak memory is one query block's scores; no N x N tensor is formed. Heads with different masks
-(and different patterns) share one call. Math in float32; the output keeps the input dtype.
+(and different patterns) share one call. Math in float32 (float64 for float64 inputs); the
+output keeps the input dtype. Differentiable by autograd (the mask is a constant).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
     n_k = key.shape[2]
     bs = mask.block_size
     kv_blocks = mask.kv_blocks
-    q, k, v = (t.float() for t in (query, key, value))
+    compute = torch.promote_types(query.dtype, torch.float32)
+    q, k, v = (t.to(compute) for t in (query, key, value))
     padded = [F.pad(t, (0, 0, 0, kv_blocks * bs - n_k)).unflatten(2, (kv_blocks, bs)) for t in (k, v)]
     limit = torch.full((b,), n_k, device=query.device) if kv_valid_len is None else kv_valid_len.clamp(max=n_k)
     key_valid = torch.arange(kv_blocks * bs, device=query.device) < limit[:, None]  # [B, Nk padded]
@@ -40,7 +42,7 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
     all_full = full.all(0).all(0).tolist()
     any_full = full.any(0).any(0).tolist()
     slot = torch.arange(mask.indices.shape[-1], device=query.device)
-    out = torch.empty(b, h, n_q, d, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, h, n_q, d, dtype=compute, device=query.device)
     dense_rows = None
 
     for row in range(mask.q_blocks):

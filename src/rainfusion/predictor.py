@@ -5,6 +5,8 @@ head. The dense region's query blocks are full rows, its key blocks are always k
 the diagonal block (``force_diagonal``). The top-N budget is spent on the other blocks, so every
 non-full row keeps its forced blocks plus N more (the realized density is the nominal one plus
 the forced blocks, reported by ``BlockSparseMask.density``). No host synchronisation.
+A non-finite element of Q or K counts as 0 in its block mean, so one NaN or inf token cannot
+change the mask (dense attention confines a non-finite query to its own output row).
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ import math
 
 import torch
 
+from .backends import triton_available
 from .config import RainFusion2Config
 from .mask import BlockSparseMask, num_blocks
 from .permutation import dense_block_range
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real tokens."""
+    """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real
+    tokens, and a non-finite element counts as 0. On CUDA a Triton kernel reads x once."""
+    if x.is_cuda and triton_available():
+        from .kernels.block_means import block_means_triton
+
+        return block_means_triton(x, block_size)
+    x = x.nan_to_num(0.0, posinf=0.0, neginf=0.0)
     n = x.shape[2]
     whole = n // block_size
-    # sum with an fp32 accumulator straight from the input: no fp32 copy of x
+    # sum with an fp32 accumulator straight from the (finite) input: no fp32 copy of x
     sums = x[:, :, : whole * block_size].unflatten(2, (whole, block_size)).sum(3, dtype=torch.float32)
     sizes = torch.full((whole,), float(block_size), device=x.device)
     if whole * block_size < n:
@@ -73,4 +82,4 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     slot = torch.arange(width, device=query.device)
     ranked = torch.where(slot < counts.unsqueeze(-1), ranked, blocks)
     indices = torch.sort(ranked, dim=-1).values
-    return BlockSparseMask(counts.to(torch.int32), indices.to(torch.int32), n, n, bs)
+    return BlockSparseMask(counts.to(torch.int32), indices.to(torch.int32), n, n, bs, check=False)

@@ -112,9 +112,11 @@ def format_row(r: dict) -> str:
             f"{sparse:>7} {r['seconds']:>7.1f}  {patterns}")
 
 
-def write_outputs(report: dict, videos: dict[str, torch.Tensor], out_dir: Path, fps: int = 8) -> list[Path]:
+def write_outputs(report: dict, videos: dict[str, torch.Tensor], out_dir: Path, fps: int = 8,
+                  log=print) -> list[Path]:
     """demo.json, demo.gif (clips as rows, variants side by side: at most four) and, with
-    matplotlib, demo-quality.png (PSNR against realized density)."""
+    matplotlib, demo-quality.png (PSNR against realized density; without it, logs that it is skipped)."""
+    from ..checks import require
     from ..generate import write_video
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,13 +125,16 @@ def write_outputs(report: dict, videos: dict[str, torch.Tensor], out_dir: Path, 
     shown = list(videos.values())[:4]
     grid = torch.cat([torch.cat(list(v), dim=1) for v in shown], dim=2)  # [T, clips*S, variants*S, 3]
     written.append(write_video(grid, out_dir / "demo.gif", fps)[0])
+    plot_path = out_dir / "demo-quality.png"
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        require("matplotlib", "the quality plot", "demo")
+    except ImportError as error:
+        log(f"skipped {plot_path}: {error}")
         return written
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["rows"][1:]:
         ax.scatter(r["density"], r["psnr"], s=30)
@@ -137,9 +142,20 @@ def write_outputs(report: dict, videos: dict[str, torch.Tensor], out_dir: Path, 
     ax.set(xlabel="realized density (all steps)", ylabel="PSNR vs dense (dB)", title="demo model: quality vs density")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "demo-quality.png", dpi=120)
+    fig.savefig(plot_path, dpi=120)
     plt.close(fig)
-    return written + [out_dir / "demo-quality.png"]
+    return written + [plot_path]
+
+
+def _transformer_config(checkpoint: Path) -> dict:
+    """The transformer configuration of a demo checkpoint; ValueError (one line) when it is none."""
+    from safetensors import SafetensorError
+
+    try:
+        return checkpoint_config(str(checkpoint))[1]
+    except (SafetensorError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"--checkpoint {checkpoint}: not a demo checkpoint ({type(error).__name__}: {error})") \
+            from None
 
 
 def main_demo(args) -> int:
@@ -150,15 +166,13 @@ def main_demo(args) -> int:
             "`python -m rainfusion.demo.training --out PATH`)")
     from ..cli import dtype_for
 
+    transformer_config = _transformer_config(checkpoint)
     steps = args.steps if args.steps is not None else (8 if args.quick else 30)
     clips = args.clips if args.clips is not None else (1 if args.quick else 16)
-    for name, value in (("--steps", steps), ("--clips", clips)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     print(f"demo: {clips} clips, {steps} steps, {args.device}")
     print(HEADER)
     if args.sensitivity:
-        variant_list = sensitivity_variants(checkpoint_config(str(checkpoint))[1]["num_layers"], args.block_size)
+        variant_list = sensitivity_variants(transformer_config["num_layers"], args.block_size)
     else:
         variant_list = variants(args.quick, args.block_size)
     report, videos = run_demo(checkpoint, variant_list=variant_list, clips=clips,

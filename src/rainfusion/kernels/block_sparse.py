@@ -72,14 +72,26 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 # Triton kernel, two programs per SM, stays faster (1.17x at 0.2), so it keeps those calls.
 USE_GLUON_ON_HOPPER = True
 GLUON_HEAD_DIMS = (128,)
+# Gluon's API moves between Triton releases (3.9 renamed the TMA copies it uses), so the kernel
+# runs only on the releases it was run and tested on (H100 and H200, Triton 3.6).
+GLUON_TRITON_RELEASES = ("3.6",)
+
+
+def gluon_tested_on(triton_version: str) -> bool:
+    """The Gluon kernel was tested on this Triton release (major.minor of ``triton_version``)."""
+    return ".".join(triton_version.split(".")[:2]) in GLUON_TRITON_RELEASES
 
 
 def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> bool:
-    """The Gluon kernel's cases: sm_90, D in GLUON_HEAD_DIMS, 128-token blocks, unit D stride and
-    16-byte aligned rows for q, k and v (all three go through TMA)."""
+    """The Gluon kernel's cases: sm_90, D in GLUON_HEAD_DIMS, 128-token blocks, a tested Triton
+    release, unit D stride and 16-byte aligned rows for q, k and v (all three go through TMA)."""
     if not (USE_GLUON_ON_HOPPER and query.is_cuda and not INTERPRETED) or block_size != 128:
         return False
     if torch.cuda.get_device_capability(query.device) != (9, 0) or query.shape[-1] not in GLUON_HEAD_DIMS:
+        return False
+    if not gluon_tested_on(triton.__version__):
+        log_once(f"rainfusion: the Gluon kernel for Hopper is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} "
+                 f"only; with Triton {triton.__version__} the (slower) Triton kernel runs")
         return False
     if not _tma_aligned(query, key, value):
         log_once("rainfusion: q, k or v is not 16-byte aligned with a unit head-dim stride; the Gluon "
