@@ -25,12 +25,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rainfusion import BlockSparseMask, RainFusion2Config, RainFusionConfig, block_sparse_attention, sparse_attention
 from rainfusion.arm import recognise_heads
-from rainfusion.benchmark import PRESETS
+from rainfusion.backends import gather_tokens
 from rainfusion.kernels import block_sparse
+from rainfusion.kernels.block_sparse import block_sparse_attention_triton
 from rainfusion.kernels.fa4 import block_sparse_attention_fa4, dense_attention_fa4, fa4_available
-from rainfusion.permutation import gather_tokens, token_order
-from rainfusion.predictor import predict_block_mask
+from rainfusion.methods import plan_attention
 from rainfusion.reference import relative_l2
+from rainfusion.tools.bench import PRESETS
 
 
 def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 50) -> float:
@@ -107,24 +108,21 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
             realized=realized)
         add("triton-bnhd", density, time_ms(lambda: block_sparse_attention(*views, mask, backend="triton")),
             realized=realized)
-        if block_sparse._use_gluon(q, k, v, mask.block_size):  # "triton" ran the Gluon kernel: time the other too
-            block_sparse.USE_GLUON_ON_HOPPER = False
-            add("triton-v3", density, time_ms(lambda: block_sparse_attention(q, k, v, mask, backend="triton")),
+        if block_sparse._gluon_refusal(q, k, v, mask.block_size) is None:  # "triton" ran Gluon: time v3 too
+            add("triton-v3", density,
+                time_ms(lambda: block_sparse_attention_triton(q, k, v, mask, scale=scale, kernel="triton")),
                 realized=realized)
-            block_sparse.USE_GLUON_ON_HOPPER = True
         add("auto", density, time_ms(lambda: block_sparse_attention(q, k, v, mask)), realized=realized)
 
     # RainFusion2.0 end to end at its video preset, and its parts
     config = RainFusion2Config()
-    order = token_order(layout, config.permutation, device="cuda")
-    permuted = [gather_tokens(t, order.index) for t in (q, k, v)]
-    predict = dict(num_dense=order.num_dense, num_dense_tail=order.num_dense_tail, config=config, scale=scale)
-    mask = predict_block_mask(permuted[0], permuted[1], **predict)
-    v2_density = float(mask.density().mean())
-    add("v2-permute", v2_density, time_ms(lambda: [gather_tokens(t, order.index) for t in (q, k, v)]))
-    add("v2-predict", v2_density, time_ms(lambda: predict_block_mask(permuted[0], permuted[1], **predict)))
-    add("v2-attention", v2_density, time_ms(lambda: block_sparse_attention(*permuted, mask)))
-    add("v2-unpermute", v2_density, time_ms(lambda: gather_tokens(permuted[0], order.inverse)))
+    plan = plan_attention(q, k, layout, config, scale)  # block means read through the order, then top-N
+    permuted = [gather_tokens(t, plan.order) for t in (q, k, v)]
+    v2_density = float(plan.mask.density().mean())
+    add("v2-permute", v2_density, time_ms(lambda: [gather_tokens(t, plan.order) for t in (q, k, v)]))
+    add("v2-predict", v2_density, time_ms(lambda: plan_attention(q, k, layout, config, scale)))
+    add("v2-attention", v2_density, time_ms(lambda: block_sparse_attention(*permuted, plan.mask)))
+    add("v2-unpermute", v2_density, time_ms(lambda: gather_tokens(permuted[0], plan.inverse)))
     add("v2-end-to-end", v2_density, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config)))
     add("v2-end-to-end-triton", v2_density,
         time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config, backend="triton")))

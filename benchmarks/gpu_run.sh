@@ -32,18 +32,18 @@ if [ "$what" = model ]; then
   (cd benchmarks && timeout 560 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -40)
 fi
 if [ "$what" = train ]; then  # the demo model (issue 5): checkpoint, log and preview come back in $OUT
-  PYTHONUNBUFFERED=1 timeout 590 python3 -m rainfusion.demo.training --out "$out/demo.safetensors" \
+  PYTHONUNBUFFERED=1 timeout 590 python3 -m rainfusion.tools.demo.training --out "$out/demo.safetensors" \
     --preview "$out/preview.png" "$@" 2>&1 | grep -v Warning | tail -30
   cp "$out/demo.safetensors" /tmp/demo-last.safetensors  # a warm machine's next call can --init from it
 fi
 if [ "$what" = demo ]; then  # the demo's quality run and attention maps on a checkpoint; one tar back
-  ckpt=${1:-src/rainfusion/demo/weights/demo.safetensors}
-  PYTHONUNBUFFERED=1 timeout 330 python3 -m rainfusion.cli demo --checkpoint "$ckpt" --out /tmp/demo/run "${@:2}" 2>&1 | grep -v Warning | tail -30
-  timeout 90 python3 -m rainfusion.demo.analysis --checkpoint "$ckpt" --out /tmp/demo/maps 2>&1 | grep -v Warning | tail -5
+  ckpt=${1:-src/rainfusion/tools/demo/weights/demo.safetensors}
+  PYTHONUNBUFFERED=1 timeout 330 python3 -m rainfusion.tools.cli demo --checkpoint "$ckpt" --out /tmp/demo/run "${@:2}" 2>&1 | grep -v Warning | tail -30
+  timeout 90 python3 -m rainfusion.tools.demo.analysis --checkpoint "$ckpt" --out /tmp/demo/maps 2>&1 | grep -v Warning | tail -5
   tar -C /tmp/demo -cf "$out/demo.tar" .
 fi
 if [ "$what" = gluon ]; then  # the Gluon kernel: its tests first (a hang ends at the timeout), then timings
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_kernel_gluon.py 2>&1 | tail -6 \
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m gpu -k gluon tests/kernels/test_block_sparse_kernels.py 2>&1 | tail -6 \
     && (cd benchmarks && timeout 300 python3 kernel_sweep.py --gluon 2>&1 | grep -v Warning | tail -20)
 fi
 if [ "$what" = pytest ]; then

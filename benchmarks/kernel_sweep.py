@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import random_block_mask, time_ms
-from rainfusion import block_sparse_attention
 from rainfusion.kernels import block_sparse
+from rainfusion.kernels.block_sparse import block_sparse_attention_triton
 
 # head dim -> (BLOCK_Q, BLOCK_N, num_warps, num_stages, maxnreg) for 128-token mask blocks
 SETTINGS = {
@@ -45,15 +45,15 @@ def main() -> None:
         print(f"H={heads} N={n} D={d}: cuDNN {cudnn:.2f} ms ({flops / cudnn / 1e9:.0f} TFLOP/s)", flush=True)
         masks = {density: random_block_mask(1, heads, n, density) for density in (1.0, 0.2)}
         for setting in settings or SETTINGS[d]:
-            block_sparse.USE_GLUON_ON_HOPPER = setting == "gluon"
+            kernel = "gluon" if setting == "gluon" else "triton"
             if not isinstance(setting, str):
                 block_sparse._CONFIGS[(128, d)] = setting
             label = f"N={n} {setting}"
             try:
-                out = block_sparse_attention(q, k, v, masks[1.0], backend="triton").float()
+                out = block_sparse_attention_triton(q, k, v, masks[1.0], scale=d**-0.5, kernel=kernel).float()
                 error = float((out - reference).norm() / reference.norm())
-                times = [time_ms(lambda: block_sparse_attention(q, k, v, m, backend="triton"), budget_ms=800)
-                         for m in masks.values()]
+                times = [time_ms(lambda: block_sparse_attention_triton(q, k, v, m, scale=d**-0.5, kernel=kernel),
+                                 budget_ms=800) for m in masks.values()]
             except Exception as exc:  # out of resources for this setting
                 print(f"  {label}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
                 continue

@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from attention import time_ms
-from rainfusion import RainFusion2Config, RainFusionConfig, apply_rainfusion, remove_rainfusion
+from rainfusion import RainFusion2Config, apply_rainfusion, remove_rainfusion
+from rainfusion.config import method_config
 from rainfusion.backends import dense_attention
 from rainfusion.integrations.diffusers import hooks
 from rainfusion.integrations.diffusers.geometry import geometry_of
@@ -49,8 +50,8 @@ MODELS = {
                                      text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
                                      rope_axes_dim=(16, 56, 56))),
 }
-METHODS = {"v1-0.5": RainFusionConfig(), "v2-0.8": RainFusion2Config(), "v2-0.9": RainFusion2Config(sparsity=0.9),
-           "v2-0.8-in-budget": RainFusion2Config(forced_in_budget=True)}
+METHODS = {"v1-0.5": method_config("rainfusion"), "v2-0.8": method_config("rainfusion2"),
+           "v2-0.9": method_config("rainfusion2", sparsity=0.9), "v2-0.8-in-budget": method_config("rainfusion2-in-budget")}
 DENSE_BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                   ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
 
@@ -134,13 +135,13 @@ def bench_model(name: str, layers: int | None) -> dict:
     rows.append(dict(method="dense-rainfusion", backend="+".join(sorted(used)), ms=ms))
     remove_rainfusion(model)
     hooks.dense_attention = dense_attention
-    for method, method_config in METHODS.items():
-        controller = apply_rainfusion(model, method_config)
+    for method, config in METHODS.items():
+        controller = apply_rainfusion(model, config)
         ms = time_ms(call, **timing)
         last = controller.history[-n_attention:]
         rows.append(dict(method=method, ms=ms, backend=last[-1][-1].backend,
                          density=sum(float(stats.mean_density) for *_, stats in last) / len(last),
-                         warmup_steps=math.ceil(method_config.warmup_fraction * STEPS - 1e-9)))
+                         warmup_steps=math.ceil(config.warmup_fraction * STEPS - 1e-9)))
         remove_rainfusion(model)
     dense, no_attention, warm = (r["ms"] for r in rows[:3])
     for r in rows[3:]:

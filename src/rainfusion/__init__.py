@@ -6,9 +6,10 @@ predicts a block mask from block-mean Q and K on spatiotemporally permuted token
 
 from .attention import block_sparse_attention, sparse_attention
 from .config import RainFusion2Config, RainFusionConfig
+from .integrations.diffusers import apply_rainfusion, remove_rainfusion
 from .layout import VideoLayout
 from .mask import BlockSparseMask
-from .state import AttentionState, AttentionStats
+from .steps import AttentionState, AttentionStats
 
 __all__ = [
     "AttentionState",
@@ -24,11 +25,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # the diffusers integration imports on first use, so `import rainfusion` needs no diffusers
-    if name in ("apply_rainfusion", "remove_rainfusion"):
-        from .integrations import diffusers as _integration
-
-        return getattr(_integration, name)
-    raise AttributeError(f"module 'rainfusion' has no attribute {name!r}")

@@ -22,8 +22,8 @@ from functools import lru_cache
 
 import torch
 
-from .config import RainFusionConfig
-from .head_patterns import SPATIAL, TEMPORAL, TEXTURAL, band_keep, band_window
+from .config import SPATIAL, TEMPORAL, TEXTURAL, RainFusionConfig
+from .head_patterns import band_keep, band_window
 from .layout import VideoLayout
 
 

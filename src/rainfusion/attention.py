@@ -1,4 +1,9 @@
-"""The public entry points: ``sparse_attention`` (drop-in for SDPA) and ``block_sparse_attention``."""
+"""The public entry points: ``sparse_attention`` (drop-in for SDPA) and ``block_sparse_attention``.
+
+Both methods share one path: dense warm-up steps, else a plan (``methods``: mask, token order,
+patterns) made or reused from the cache, the tokens gathered into the plan's order, block-sparse
+attention, and the output gathered back.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,14 @@ import time
 
 import torch
 
-from .arm import arm_fractions, recognise_heads
-from .backends import dense_attention, needs_grad, resolve_backend, run_block_sparse
-from .checks import check_block_mask, check_kv_valid_len, check_qkv, check_scale
+from ._validation import check_kv_valid_len, check_qkv, check_scale
+from .backends import dense_attention, gather_tokens, needs_grad, resolve_backend, run_block_sparse
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
-from .head_patterns import head_pattern_table
 from .layout import VideoLayout
-from .mask import BlockSparseMask
-from .permutation import TokenOrder, gather_tokens, token_order
-from .predictor import predict_block_mask
-from .state import AttentionState, AttentionStats, MaskCache
+from .mask import BlockSparseMask, check_block_mask
+from .methods import plan_attention
+from .steps import AttentionState, AttentionStats, MaskCache
+
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            block_mask: BlockSparseMask, *, scale: float | None = None,
@@ -27,7 +30,7 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``BlockSparseMask``); kv_valid_len (int [B] in [1, Nk], optional): keys at positions >= it
     are padding and ignored (e.g. padded text); checking it reads one value on the host. Returns
     [B, H, Nq, D] in the input dtype (float64 computed in float64). Query rows that see no key
-    give 0. Differentiable on the ``portable`` and ``reference`` backends (see ``backends``).
+    give 0. Differentiable on the ``portable`` backend (see ``backends``).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(block_mask, query, key)
@@ -36,21 +39,6 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     name = resolve_backend(backend, query, mask.block_size, padded_keys=kv_valid_len is not None,
                            grad=needs_grad(query, key, value))
     return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]), kv_valid_len)
-
-
-def _v2_order(layout: VideoLayout, config: RainFusion2Config, device: torch.device) -> TokenOrder:
-    name = "raster" if config.permutation == "none" else config.permutation
-    return token_order(layout, name, sink_first_frame=config.sink_first_frame, device=device)
-
-
-def _predict_v1(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: RainFusionConfig,
-                scale: float, cache_key: tuple, sparse_step: int) -> MaskCache:
-    """ARM on the original tokens, then each head's block mask in its own token order."""
-    table = head_pattern_table(layout, arm_fractions(config), config.tau, config.sink_first_frame,
-                               config.block_size, query.device)
-    heads = recognise_heads(query, key, layout, config, scale=scale)
-    return MaskCache(cache_key, sparse_step, table.block_mask(heads.candidate), table.orders[heads.pattern],
-                     table.inverses[heads.pattern], heads.pattern)
 
 
 def _timed(fn, profile: bool, device: torch.device):
@@ -112,30 +100,17 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     sparse_step = step - warmup
     reuse = (cache is not None and cache.key == cache_key
              and 0 <= sparse_step - cache.sparse_step < config.refresh_interval)
-    profile = state is not None and state.profile
     predict_seconds = 0.0
-    if method == "rainfusion2":  # one token order for every head: permute once, predict on it
-        order = _v2_order(layout, config, query.device)
-        permuted = [gather_tokens(t, order.index) for t in (query, key, value)]
-        if not reuse:
-            with torch.no_grad():  # the mask is a constant of the attention: no graph through it
-                mask, predict_seconds = _timed(
-                    lambda: predict_block_mask(permuted[0], permuted[1], num_dense=order.num_dense,
-                                               num_dense_tail=order.num_dense_tail, config=config, scale=scale),
-                    profile, query.device)
-            cache = MaskCache(cache_key, sparse_step, mask, order.index, order.inverse, None)
-    else:  # each head's order follows its recognised pattern
-        if not reuse:
-            with torch.no_grad():
-                cache, predict_seconds = _timed(lambda: _predict_v1(query, key, layout, config, scale, cache_key,
-                                                                    sparse_step), profile, query.device)
-        permuted = [gather_tokens(t, cache.order) for t in (query, key, value)]
-
+    if not reuse:
+        plan, predict_seconds = _timed(lambda: plan_attention(query, key, layout, config, scale),
+                                       state is not None and state.profile, query.device)
+        cache = MaskCache(cache_key, sparse_step, plan)
+    plan = cache.plan
+    permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
     # trailing text stays at the end in every token order: the padding is still a suffix
-    out = run_block_sparse(name, *permuted, cache.mask, scale, kv_valid_len)
-    out = gather_tokens(out, cache.inverse)
+    out = gather_tokens(run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len), plan.inverse)
     if state is not None:
         state.cache = cache
-        state.stats = AttentionStats(method, name, step, False, cache.mask.density(), cache.patterns,
+        state.stats = AttentionStats(method, name, step, False, plan.mask.density(), plan.patterns,
                                      predict_seconds, reuse)
     return out

@@ -1,49 +1,42 @@
-"""Which implementation runs a block-sparse attention call.
+"""Which implementation runs each device op, and the one importer of ``kernels/``.
+
+Block-sparse attention (``resolve_backend``, ``run_block_sparse``):
 
 - ``fa4``: FlashAttention-4's block-sparse forward (optional ``flash-attn-4``, SM90+ GPUs,
   bf16/fp16, head dims 64/128, 128-token blocks): the fastest measured on an H100;
 - ``triton``: our Triton kernel (CUDA GPUs; CPU only under ``TRITON_INTERPRET=1``);
 - ``portable``: plain PyTorch, any device;
-- ``reference``: float64 masked dense attention, for tests on small inputs;
 - ``auto``: on CUDA ``fa4`` where it applies, else ``triton``, else ``portable`` (a fallback
   from the fastest kernel is logged once); ``portable`` elsewhere.
 
-Gradients: ``portable`` and ``reference`` are plain PyTorch, so autograd differentiates them (the
-mask is a constant); ``fa4`` and ``triton`` are forward only and refuse inputs that need a
+Gradients: ``portable`` is plain PyTorch, so autograd differentiates it (the mask is a constant); ``fa4`` and ``triton`` are forward only and refuse inputs that need a
 gradient, for which ``auto`` picks ``portable`` (logged once). Under ``torch.no_grad()`` or
 ``torch.inference_mode()`` nothing needs a gradient.
 
 Dense work (warm-up steps, dense layers) goes to ``dense_attention``: FA4 dense where it applies,
-else PyTorch SDPA.
+else PyTorch SDPA. Token permutations (``gather_tokens``) and v2's block means (``block_means``)
+run on Triton kernels on CUDA, PyTorch elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .mask import BlockSparseMask
+from ._logging import log_once
+from .mask import BlockSparseMask, key_padding_mask
 from .portable import block_sparse_attention_portable
-from .reference import key_padding_mask, masked_attention, token_mask
+from .predictor import block_means as block_means_torch
 
-BACKENDS = ("auto", "fa4", "triton", "portable", "reference")
+BACKENDS = ("auto", "fa4", "triton", "portable")
 # SDPA kernels for dense CUDA calls, fastest first (H100: cuDNN 1.6x flash at HunyuanVideo 720p);
 # SDPA's own order tries flash first
 SDPA_ON_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH]
-logger = logging.getLogger("rainfusion")
-
-
-@functools.lru_cache(maxsize=None)
-def log_once(message: str) -> None:
-    logger.warning(message)
-
-
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
@@ -169,9 +162,31 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
         from .kernels.block_sparse import block_sparse_attention_triton
 
         return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
-    if backend == "portable":
-        return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
-    allowed = token_mask(mask)
-    if kv_valid_len is not None:
-        allowed = allowed & key_padding_mask(kv_valid_len, key.shape[2])
-    return masked_attention(query, key, value, allowed, scale=scale).to(query.dtype)
+    return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] reordered along N: ``out[..., i, :] = x[..., index[i], :]``.
+
+    index is int64 [N] (one order for all heads) or [B, H, N] (one order per head). On CUDA a
+    Triton row gather runs at near copy bandwidth (2.3x ``index_select`` on an H100); where x
+    needs a gradient, PyTorch's differentiable gathers.
+    """
+    if x.is_cuda and triton_available() and not needs_grad(x):
+        from .kernels.gather_rows import gather_rows_triton
+
+        return gather_rows_triton(x, index)
+    if index.dim() == 1:
+        return x.index_select(2, index)
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def block_means(x: torch.Tensor, block_size: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [B, H, ceil(N / block_size), D]: the block means of x [B, H, N, D] taken in the token
+    order ``index`` (int64 [N]; None: as it is), non-finite elements counted as 0
+    (``predictor.block_means``). On CUDA one Triton kernel reads x once, with no permuted copy."""
+    if x.is_cuda and triton_available():
+        from .kernels.block_means import block_means_triton
+
+        return block_means_triton(x, block_size, index)
+    return block_means_torch(x if index is None else x.index_select(2, index), block_size)

@@ -1,4 +1,5 @@
-"""Frozen, validated configurations of the two methods, with named presets."""
+"""Frozen, validated configurations of the two methods, and the one registry of named methods
+(``METHODS``: the names the CLI, the benchmarks and the demo share)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .checks import check_int
+from ._validation import check_int
 from .mask import check_block_size
 
 Permutation = Literal["window3d", "tile2d", "none"]
 Selection = Literal["topk", "topp"]
+# v1's head patterns: the values of ``AttentionStats.patterns`` and of the ARM's verdicts
+SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
+PATTERN_NAMES = ("spatial", "temporal", "textural")
 
 
 def _check_fraction(name: str, value: object, *, low: float, high: float, high_open: bool) -> None:
@@ -146,3 +150,26 @@ class RainFusion2Config:
 
 
 AnyConfig = RainFusionConfig | RainFusion2Config
+
+
+# name -> (config class, the fields that make the variant); ``method_config`` builds one
+METHODS: dict[str, tuple[type, dict]] = {
+    "rainfusion": (RainFusionConfig, {}),
+    "rainfusion+": (RainFusionConfig, {"adaptive_bandwidth": True}),
+    "rainfusion-no-textural": (RainFusionConfig, {"textural": False}),
+    "rainfusion2": (RainFusion2Config, {}),
+    "rainfusion2-tile2d": (RainFusion2Config, {"permutation": "tile2d"}),
+    "rainfusion2-none": (RainFusion2Config, {"permutation": "none"}),
+    "rainfusion2-topp": (RainFusion2Config, {"selection": "topp"}),
+    "rainfusion2-no-sink": (RainFusion2Config, {"sink_first_frame": False}),
+    "rainfusion2-in-budget": (RainFusion2Config, {"forced_in_budget": True}),
+}
+
+
+def method_config(name: str, **overrides: object) -> AnyConfig:
+    """The config of a named method (``METHODS``), with ``overrides`` on top (None keeps a field's
+    default): ``method_config("rainfusion2", sparsity=0.9)``."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    cls, fields = METHODS[name]
+    return cls(**fields, **{k: v for k, v in overrides.items() if v is not None})

@@ -20,12 +20,11 @@ from functools import lru_cache
 
 import torch
 
+from .config import SPATIAL, TEMPORAL, TEXTURAL
 from .layout import VideoLayout
 from .mask import BlockSparseMask, num_blocks
 from .permutation import checkerboard_keep, dense_block_range, token_order
 
-SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
-PATTERN_NAMES = ("spatial", "temporal", "textural")
 PATTERN_ORDERS = ("raster", "time_major", "checkerboard")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .checks import check_int
+from ._validation import check_int
 
 TextPosition = Literal["none", "before", "after"]
 _TEXT_POSITIONS = ("none", "before", "after")

@@ -245,3 +245,22 @@ class BlockSparseMask:
             self.block_size,
             check=False,
         )
+
+
+def check_block_mask(mask: object, query: torch.Tensor, key: torch.Tensor, name: str = "block_mask") -> BlockSparseMask:
+    """The mask for these query/key tensors, broadcast to their (B, H)."""
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"{name} must be a BlockSparseMask, got {type(mask).__name__}")
+    n_q, n_k = query.shape[2], key.shape[2]
+    if (mask.q_len, mask.kv_len) != (n_q, n_k):
+        raise ValueError(f"{name} is for q_len x kv_len = {mask.q_len} x {mask.kv_len}, but query/key have "
+                         f"{n_q} x {n_k} tokens")
+    if mask.counts.device != query.device:
+        raise ValueError(f"{name} is on {mask.counts.device}, but query is on {query.device}")
+    return mask.expand(query.shape[0], query.shape[1])
+
+
+def key_padding_mask(kv_valid_len: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """bool [B, 1, 1, kv_len]: True for the keys before ``kv_valid_len[b]`` (int [B])."""
+    keys = torch.arange(kv_len, device=kv_valid_len.device)
+    return keys < kv_valid_len.view(-1, 1, 1, 1)

@@ -12,7 +12,8 @@ order chosen so that a block of consecutive tokens is a compact region of the vi
 - ``checkerboard`` the tokens with (h - w) mod tau == 0 first, then the rest (v1 textural).
 
 Attention is equivariant under a common permutation of q, k, v, so permuting, attending and
-un-permuting the output is exact. Orders are computed once per shape and device.
+un-permuting the output is exact. Orders are index tensors, computed once per shape and device;
+``backends.gather_tokens`` applies them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from functools import lru_cache
 
 import torch
 
-from .backends import needs_grad, triton_available
 from .layout import VideoLayout
 from .mask import num_blocks
 
@@ -123,19 +123,3 @@ def token_order(layout: VideoLayout, order: str, *, sink_first_frame: bool = Tru
     if order != "checkerboard":
         tau = 1
     return _token_order_on(layout, order, sink_first_frame, tau, torch.device(device))
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D] reordered along N: ``out[..., i, :] = x[..., index[i], :]``.
-
-    index is int64 [N] (one order for all heads) or [B, H, N] (one order per head). On CUDA a
-    Triton row gather runs at near copy bandwidth (2.3x ``index_select`` on an H100); where x
-    needs a gradient, PyTorch's differentiable gathers.
-    """
-    if x.is_cuda and triton_available() and not needs_grad(x):
-        from .kernels.gather_rows import gather_rows_triton
-
-        return gather_rows_triton(x, index)
-    if index.dim() == 1:
-        return x.index_select(2, index)
-    return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))

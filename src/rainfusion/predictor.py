@@ -15,7 +15,6 @@ import math
 
 import torch
 
-from .backends import triton_available
 from .config import RainFusion2Config
 from .mask import BlockSparseMask, num_blocks
 from .permutation import dense_block_range
@@ -23,11 +22,8 @@ from .permutation import dense_block_range
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real
-    tokens, and a non-finite element counts as 0. On CUDA a Triton kernel reads x once."""
-    if x.is_cuda and triton_available():
-        from .kernels.block_means import block_means_triton
-
-        return block_means_triton(x, block_size)
+    tokens, and a non-finite element counts as 0 (``backends.block_means`` runs the same on a
+    Triton kernel on CUDA)."""
     x = x.nan_to_num(0.0, posinf=0.0, neginf=0.0)
     n = x.shape[2]
     whole = n // block_size
@@ -51,18 +47,25 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     """BlockSparseMask [B, H] for permuted query/key [B, H, N, D] whose first ``num_dense`` and
     last ``num_dense_tail`` tokens are the dense region (text, first-frame sink)."""
     bs = config.block_size
-    n = query.shape[2]
+    return predict_from_means(block_means(query, bs), block_means(key, bs), seq_len=query.shape[2],
+                              num_dense=num_dense, num_dense_tail=num_dense_tail, config=config, scale=scale)
+
+
+def predict_from_means(q_mean: torch.Tensor, k_mean: torch.Tensor, *, seq_len: int, num_dense: int,
+                       num_dense_tail: int = 0, config: RainFusion2Config, scale: float) -> BlockSparseMask:
+    """``predict_block_mask`` from the block means (float32 [B, H, blocks, D]) of the permuted
+    query and key of ``seq_len`` tokens."""
+    bs, n = config.block_size, seq_len
     blocks = num_blocks(n, bs)
     head, tail_start = dense_block_range(n, num_dense, num_dense_tail, bs)
-    block = torch.arange(blocks, device=query.device)
+    device = q_mean.device
+    block = torch.arange(blocks, device=device)
     dense = (block < head) | (block >= tail_start)
-    q_mean = block_means(query, bs)
-    k_mean = block_means(key, bs)
     probs = torch.softmax((q_mean @ k_mean.transpose(-1, -2)) * scale, dim=-1)  # [B, H, nb, nb]
 
     forced = dense.expand(blocks, blocks)
     if config.force_diagonal:
-        forced = forced | torch.eye(blocks, dtype=torch.bool, device=query.device)
+        forced = forced | torch.eye(blocks, dtype=torch.bool, device=device)
     forced_count = min(blocks, head + blocks - tail_start + int(config.force_diagonal))
     keep = keep_count(blocks, config.sparsity)
     width = min(blocks, max(keep, forced_count) if config.forced_in_budget else keep + forced_count)
@@ -72,14 +75,14 @@ def predict_block_mask(query: torch.Tensor, key: torch.Tensor, *, num_dense: int
     rank_score, ranked = torch.sort(probs + 2.0 * forced, dim=-1, descending=True)
     rank_score, ranked = rank_score[..., :width], ranked[..., :width]
     if config.selection == "topk":
-        counts = torch.full(ranked.shape[:-1], width, device=query.device)
+        counts = torch.full(ranked.shape[:-1], width, device=device)
     else:
         mass = torch.cumsum(rank_score - 2.0 * (rank_score > 1.0), dim=-1)
         reach = (mass < config.top_p).sum(-1) + 1
         counts = reach.clamp(forced_count, width)
     counts = torch.where(dense, blocks, counts)
 
-    slot = torch.arange(width, device=query.device)
+    slot = torch.arange(width, device=device)
     ranked = torch.where(slot < counts.unsqueeze(-1), ranked, blocks)
     indices = torch.sort(ranked, dim=-1).values
     return BlockSparseMask(counts.to(torch.int32), indices.to(torch.int32), n, n, bs, check=False)

@@ -1,7 +1,8 @@
 """Slow, exact oracles: masked dense attention in float64 and the fidelity metrics.
 
 These materialise N x N matrices (``masked_attention``) and are meant for tests and small
-benchmarks only; the metrics that the benchmark runs at larger sizes are chunked.
+benchmarks only; the metrics that the benchmark runs at larger sizes are chunked. Nothing in the
+attention path imports this module.
 """
 
 from __future__ import annotations
@@ -17,12 +18,6 @@ def token_mask(mask: BlockSparseMask) -> torch.Tensor:
     bs = mask.block_size
     expanded = dense.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)
     return expanded[:, :, : mask.q_len, : mask.kv_len]
-
-
-def key_padding_mask(kv_valid_len: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """bool [B, 1, 1, kv_len]: True for the keys before ``kv_valid_len[b]`` (int [B])."""
-    keys = torch.arange(kv_len, device=kv_valid_len.device)
-    return keys < kv_valid_len.view(-1, 1, 1, 1)
 
 
 def masked_attention(

@@ -1,2 +1,4 @@
-"""GPU kernels. ``block_sparse``: our Triton block-sparse forward (imports Triton on use);
-``fa4``: the optional FlashAttention-4 backend. Import the submodules directly."""
+"""GPU kernels, each launcher (a torch custom op) beside its private Triton kernel: ``block_sparse``
+(the block-sparse forward; its Gluon version for Hopper), ``gather_rows`` (token permutations),
+``block_means`` (v2's pooled Q and K), and ``fa4``, the optional FlashAttention-4 backend. Only
+``backends`` imports them; import the submodules directly."""

@@ -5,7 +5,8 @@
 implementation so torch.compile can trace it). It never synchronises with the host.
 
 On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
-one (``_block_sparse_fwd``) everywhere else. The Triton kernel runs on CUDA tensors; on CPU it runs
+one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. Launches run on the
+query's device. The Triton kernel runs on CUDA tensors; on CPU it runs
 under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was first imported
 (float32 is accepted there only).
 """
@@ -17,11 +18,11 @@ import torch
 import triton
 from triton.runtime import JITFunction
 
-from ..backends import log_once
-from ..checks import check_block_mask, check_kv_valid_len, check_qkv
-from ..mask import BlockSparseMask, num_blocks
+from .._logging import log_once
+from .._validation import check_kv_valid_len, check_qkv
+from ..mask import BlockSparseMask, check_block_mask, num_blocks
 from . import _block_sparse_fwd
-from .memory import empty_like_layout
+from .memory import empty_like_layout, on_device
 
 HEAD_DIMS = (64, 96, 128)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -48,14 +49,11 @@ def _empty_lse(query: torch.Tensor, return_lse: bool) -> torch.Tensor:
     return query.new_empty(shape, dtype=torch.float32)
 
 
-# K/V through tensor descriptors (TMA) on Hopper+; benchmarks/NOTES.md has the measurement
-USE_TMA_ON_HOPPER = True
-
-
 def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Tensor descriptors need a GPU of compute capability 9+, unit stride on D, D a power of two
-    and 16-byte aligned rows; they also need Triton's scratch allocator for in-kernel descriptors."""
-    if not (USE_TMA_ON_HOPPER and query.is_cuda and not INTERPRETED):
+    """K/V through tensor descriptors (TMA; benchmarks/NOTES.md has the measurement) need a GPU of
+    compute capability 9+, unit stride on D, D a power of two and 16-byte aligned rows; they also
+    need Triton's scratch allocator for in-kernel descriptors."""
+    if not (query.is_cuda and not INTERPRETED):
         return False
     if torch.cuda.get_device_capability(query.device)[0] < 9:
         return False
@@ -70,7 +68,7 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 # runs instead of the Triton one for head dim 128: at HunyuanVideo 720p on an H100 it is 1.17x
 # faster at density 1 and 1.20x at 0.2 (benchmarks/NOTES.md). At head dim 64 (CogVideoX) the
 # Triton kernel, two programs per SM, stays faster (1.17x at 0.2), so it keeps those calls.
-USE_GLUON_ON_HOPPER = True
+KERNELS = ("auto", "gluon", "triton")
 GLUON_HEAD_DIMS = (128,)
 # Gluon's API moves between Triton releases (3.9 renamed the TMA copies it uses), so the kernel
 # runs only on the releases it was run and tested on (H100 and H200, Triton 3.6).
@@ -82,20 +80,37 @@ def gluon_tested_on(triton_version: str) -> bool:
     return ".".join(triton_version.split(".")[:2]) in GLUON_TRITON_RELEASES
 
 
-def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> bool:
-    """The Gluon kernel's cases: sm_90, D in GLUON_HEAD_DIMS, 128-token blocks, a tested Triton
-    release, unit D stride and 16-byte aligned rows for q, k and v (all three go through TMA)."""
-    if not (USE_GLUON_ON_HOPPER and query.is_cuda and not INTERPRETED) or block_size != 128:
-        return False
-    if torch.cuda.get_device_capability(query.device) != (9, 0) or query.shape[-1] not in GLUON_HEAD_DIMS:
-        return False
+def _gluon_case(query: torch.Tensor, block_size: int) -> bool:
+    """The calls the Gluon kernel is for: CUDA tensors on sm_90, 128-token blocks, D in GLUON_HEAD_DIMS."""
+    return (query.is_cuda and not INTERPRETED and torch.cuda.get_device_capability(query.device) == (9, 0)
+            and block_size == 128 and query.shape[-1] in GLUON_HEAD_DIMS)
+
+
+def _gluon_refusal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> str | None:
+    """Why the Gluon kernel cannot run this call, or None when it can: its case (``_gluon_case``),
+    a tested Triton release, unit D stride and 16-byte aligned rows for q, k and v (all three go
+    through TMA)."""
+    if not _gluon_case(query, block_size):
+        return f"it runs on sm_90 (Hopper) GPUs with 128-token blocks and head dims {GLUON_HEAD_DIMS}"
     if not gluon_tested_on(triton.__version__):
-        log_once(f"rainfusion: the Gluon kernel for Hopper is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} "
-                 f"only; with Triton {triton.__version__} the (slower) Triton kernel runs")
-        return False
+        return (f"it is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} only, and this is Triton "
+                f"{triton.__version__}")
     if not _tma_aligned(query, key, value):
-        log_once("rainfusion: q, k or v is not 16-byte aligned with a unit head-dim stride; the Gluon "
-                 "kernel needs that, so the slower Triton kernel runs")
+        return "q, k and v must be 16-byte aligned with a unit head-dim stride"
+    return None
+
+
+def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, kernel: str) -> bool:
+    """Whether ``kernel`` (one of KERNELS) runs the Gluon kernel here; "auto" logs, once, why a
+    call of the Gluon kernel's case cannot take it (an untested Triton, unaligned tensors)."""
+    if kernel == "triton":
+        return False
+    refusal = _gluon_refusal(query, key, value, block_size)
+    if kernel == "gluon" and refusal:
+        raise ValueError(f"kernel='gluon' cannot run this call: {refusal}; use kernel='auto' or 'triton'")
+    if refusal:
+        if _gluon_case(query, block_size):
+            log_once(f"rainfusion: the Gluon kernel for Hopper cannot run ({refusal}); the slower Triton kernel runs")
         return False
     triton.set_allocator(_descriptor_scratch)
     return True
@@ -108,7 +123,8 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Triton's scratch for in-kernel descriptors, on the device the launch runs on."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
 
 
 @torch.library.custom_op("rainfusion::block_sparse_attention_triton", mutates_args=())
@@ -122,10 +138,12 @@ def _block_sparse_attention_op(
     block_size: int,
     scale: float,
     return_lse: bool,
+    use_gluon: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
-    and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None.
-    Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
+    and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
+    ``use_gluon``: the Gluon kernel (the caller checked that it applies). Returns (out [B, H, Nq, D]
+    in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     out = empty_like_layout(query)
@@ -134,7 +152,7 @@ def _block_sparse_attention_op(
     block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
-    if _use_gluon(query, key, value, block_size):
+    if use_gluon:
         from . import _block_sparse_fwd_gluon
 
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
@@ -162,7 +180,7 @@ def _block_sparse_attention_op(
 
 
 @_block_sparse_attention_op.register_fake
-def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse):
+def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, use_gluon):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -190,6 +208,7 @@ def block_sparse_attention_triton(
     scale: float,
     kv_valid_len: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    kernel: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
 
@@ -198,12 +217,17 @@ def block_sparse_attention_triton(
     positions >= ``kv_valid_len[b]`` (int32 [B]) are masked out; rows that see no key give 0.
     Returns out [B, H, Nq, D] (same memory layout as query) and, with ``return_lse``, the
     natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
+    ``kernel``: "auto" (the Gluon kernel where it applies, on sm_90; else the Triton one), "gluon"
+    (a ValueError where it cannot run) or "triton".
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
     _check_kernel_inputs(query)
     kv_valid_len = check_kv_valid_len(kv_valid_len, query)
-    out, lse = _block_sparse_attention_op(
-        query, key, value, mask.counts, mask.indices, kv_valid_len, mask.block_size, float(scale), return_lse
-    )
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    use_gluon = _use_gluon(query, key, value, mask.block_size, kernel)
+    with on_device(query):
+        out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
+                                              mask.block_size, float(scale), return_lse, use_gluon)
     return (out, lse) if return_lse else out

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from . import _gather_rows
-from .memory import empty_like_layout
+from .memory import empty_like_layout, on_device
 
 ROWS = 64
 
@@ -20,10 +20,11 @@ def gather_rows_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = empty_like_layout(x)
     index3 = index.expand(b, h, n) if index.dim() == 1 else index
     grid = (triton.cdiv(n, ROWS), b * h)
-    _gather_rows.gather_rows_kernel[grid](
-        x, out, index3, *x.stride(), *out.stride(), *index3.stride(), h, n,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), ROWS=ROWS, num_warps=4,
-    )
+    with on_device(x):
+        _gather_rows.gather_rows_kernel[grid](
+            x, out, index3, *x.stride(), *out.stride(), *index3.stride(), h, n,
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), ROWS=ROWS, num_warps=4,
+        )
     return out
 
 

@@ -1,4 +1,6 @@
-"""Output allocation that keeps the input's memory layout."""
+"""Output allocation that keeps the input's memory layout, and the device a launch runs on."""
+
+import contextlib
 
 import torch
 
@@ -10,3 +12,9 @@ def empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) < x.stride(2):
         return x.new_empty(b, n, h, d).transpose(1, 2)
     return x.new_empty(b, h, n, d)
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the device of ``x`` (a tensor on the second GPU never launches on the first);
+    CPU tensors (Triton's interpreter) need no context."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

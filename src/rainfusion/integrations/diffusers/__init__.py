@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
-from ...backends import log_once
+from ..._logging import log_once
 from .geometry import GEOMETRIES, LayoutUnknown, geometry_of
 from .hooks import RainFusionController, _InterceptingProcessor
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ...attention import sparse_attention
-from ...backends import dense_attention, log_once
-from ...checks import check_scale
+from ..._logging import log_once
+from ..._validation import check_scale
+from ...backends import dense_attention
 from ...config import AnyConfig
 from ...layout import VideoLayout
-from ...state import AttentionState, AttentionStats
+from ...steps import AttentionState, AttentionStats
 
 
 @dataclass

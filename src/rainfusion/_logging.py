@@ -1,0 +1,14 @@
+"""The library's logger and its log-once helper (fallbacks are logged once, never silent)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+logger = logging.getLogger("rainfusion")
+
+
+@functools.lru_cache(maxsize=None)
+def log_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it is seen."""
+    logger.warning(message)
