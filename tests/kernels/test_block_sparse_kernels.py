@@ -189,12 +189,11 @@ def test_custom_op_registration_and_compile(n, d, block_size, kernel):
     q, k, v = qkv(1, 2, n, n, d, case_dtype(torch.float32), seed=4)
     mask = block_mask(1, 2, n, n, block_size, seed=4)
     valid = torch.tensor([100], dtype=torch.int32, device=DEVICE)
-    use_gluon = block_sparse._use_gluon(q, k, v, block_size, kernel)
-    assert use_gluon == (kernel == "gluon")
+    assert block_sparse._use_gluon(q, k, v, block_size, kernel) == (kernel == "gluon")
     for return_lse in (False, True):
         torch.library.opcheck(
             torch.ops.rainfusion.block_sparse_attention_triton.default,
-            (q, k, v, mask.counts, mask.indices, valid, block_size, 0.125, return_lse, use_gluon),
+            (q, k, v, mask.counts, mask.indices, valid, block_size, 0.125, return_lse, kernel),
         )
     compiled = torch.compile(
         lambda q, k, v: block_sparse_attention_triton(q, k, v, mask, scale=0.125, kernel=kernel),

@@ -138,12 +138,12 @@ def _block_sparse_attention_op(
     block_size: int,
     scale: float,
     return_lse: bool,
-    use_gluon: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
-    ``use_gluon``: the Gluon kernel (the caller checked that it applies). Returns (out [B, H, Nq, D]
-    in the layout of query, lse float32 [B, H, Nq] or [0])."""
+    ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable).
+    Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     out = empty_like_layout(query)
@@ -152,7 +152,7 @@ def _block_sparse_attention_op(
     block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
-    if use_gluon:
+    if _use_gluon(query, key, value, block_size, kernel):
         from . import _block_sparse_fwd_gluon
 
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
@@ -180,7 +180,7 @@ def _block_sparse_attention_op(
 
 
 @_block_sparse_attention_op.register_fake
-def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, use_gluon):
+def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -226,8 +226,7 @@ def block_sparse_attention_triton(
     kv_valid_len = check_kv_valid_len(kv_valid_len, query)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    use_gluon = _use_gluon(query, key, value, mask.block_size, kernel)
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
-                                              mask.block_size, float(scale), return_lse, use_gluon)
+                                              mask.block_size, float(scale), return_lse, kernel)
     return (out, lse) if return_lse else out
