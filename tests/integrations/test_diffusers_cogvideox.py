@@ -22,9 +22,10 @@ def tiny_cogvideox() -> torch.nn.Module:
     ).eval()
 
 
-def inputs(frames: int = 5, size: int = 32, seed: int = 1):
+def inputs(frames: int = 5, size: int = 32, seed: int = 1, width: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, frames, 4, size, size, generator=g), torch.randn(1, TEXT, 32, generator=g)
+    latents = torch.randn(1, frames, 4, size, size if width is None else width, generator=g)
+    return latents, torch.randn(1, TEXT, 32, generator=g)
 
 
 def run(model, latents, text, timestep):
@@ -61,17 +62,19 @@ def test_sparse_steps_are_close_to_dense(config):
 
 
 def test_marker_lands_on_the_token_the_layout_says():
+    """On a non-square latent (8 x 12): the marker at (t, h, w) lands on text + raster (t, h/2, w/2)."""
     model = tiny_cogvideox()
     controller = apply_rainfusion(model, RainFusion2Config())
-    latents, text = inputs(frames=3, size=8)
+    latents, text = inputs(frames=3, size=8, width=12)
     seen = []
     hook = model.patch_embed.register_forward_hook(lambda m, a, out: seen.append(out))
     run(model, latents, text, 900)
     marked = latents.clone()
-    marked[:, 2, :, 5, 6] += 100.0
+    marked[:, 2, :, 5, 10] += 100.0
     run(model, marked, text, 900)
     hook.remove()
     changed = (seen[1] - seen[0]).abs().sum(-1)[0]
     layout = controller.layout
-    want = layout.video_start + (2 * layout.height + 5 // 2) * layout.width + 6 // 2
+    assert (layout.frames, layout.height, layout.width) == (3, 4, 6)
+    want = layout.video_start + (2 * layout.height + 5 // 2) * layout.width + 10 // 2
     assert int(changed.argmax()) == want

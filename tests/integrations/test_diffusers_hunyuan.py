@@ -21,9 +21,9 @@ def tiny_hunyuan() -> torch.nn.Module:
     ).eval()
 
 
-def inputs(seed: int = 1, frames: int = 5, size: int = 32):
+def inputs(seed: int = 1, frames: int = 5, size: int = 32, width: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, frames, size, size, generator=g)
+    latents = torch.randn(1, 4, frames, size, size if width is None else width, generator=g)
     text = torch.randn(1, TEXT, 32, generator=g)
     text_mask = torch.ones(1, TEXT, dtype=torch.long)
     text_mask[:, TEXT - PADDED:] = 0  # the prompt is padded: its last tokens are masked out
@@ -81,3 +81,22 @@ def test_only_a_trailing_text_padding_is_taken_as_kv_valid_len():
     into_video = torch.arange(n) < n - TEXT - 1  # cuts into the video
     assert controller.key_padding(into_video.view(1, 1, 1, n), key[:1]) is None
     assert controller.key_padding(keep.view(2, 1, 1, n).float(), key) is None  # additive masks stay masks
+
+
+def test_marker_lands_on_the_token_the_layout_says():
+    """On a non-square latent (8 x 12): the marker at (t, h, w) lands on raster (t, h/2, w/2),
+    the video first and the text after it."""
+    model = tiny_hunyuan()
+    controller = apply_rainfusion(model, RainFusion2Config())
+    latents, text, text_mask, pooled = inputs(frames=3, size=8, width=12)
+    seen = []
+    hook = model.x_embedder.register_forward_hook(lambda m, a, out: seen.append(out))
+    run(model, latents, text, text_mask, pooled, 900)
+    marked = latents.clone()
+    marked[:, :, 2, 5, 10] += 100.0
+    run(model, marked, text, text_mask, pooled, 900)
+    hook.remove()
+    changed = (seen[1] - seen[0]).abs().sum(-1)[0]
+    layout = controller.layout
+    assert layout == VideoLayout(3, 4, 6, text_len=TEXT, text_position="after")
+    assert int(changed.argmax()) == (2 * layout.height + 5 // 2) * layout.width + 10 // 2

@@ -21,9 +21,9 @@ def tiny_wan(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def inputs(seed: int = 1, frames: int = 9, size: int = 32):
+def inputs(seed: int = 1, frames: int = 9, size: int = 32, width: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 4, frames, size, size, generator=g)
+    latents = torch.randn(1, 4, frames, size, size if width is None else width, generator=g)
     text = torch.randn(1, 12, 32, generator=g)
     return latents, text
 
@@ -87,30 +87,56 @@ def test_steps_cfg_passes_and_generations_are_counted_from_timesteps():
     assert controller.step == 0 and len(controller.history) == 2
 
 
-def test_layout_matches_the_model_token_order():
-    """A marker planted at latent voxel (t, h, w) lands on token index of raster (t, h/2, w/2)."""
+@pytest.mark.parametrize("by_name", [False, True], ids=["positional", "keywords"])
+def test_layout_matches_the_model_token_order(by_name):
+    """A marker planted at latent voxel (t, h, w) of a non-square latent (8 x 12) lands on token
+    index of raster (t, h/2, w/2); the forward's arguments are read by name however they come."""
     model = tiny_wan()
     controller = apply_rainfusion(model, RainFusion2Config())
-    latents, text = inputs(frames=3, size=8)
+    latents, text = inputs(frames=3, size=8, width=12)
     seen = {}
     hook = model.patch_embedding.register_forward_hook(lambda m, a, out: seen.setdefault("tokens", out))
-    run(model, latents, text, 900)
+
+    def call(x):
+        with torch.no_grad():
+            if by_name:
+                return model(encoder_hidden_states=text, timestep=torch.tensor([900]), hidden_states=x)
+            return model(x, torch.tensor([900]), text)
+
+    call(latents)
     base = seen.pop("tokens").flatten(2).transpose(1, 2)
     marked = latents.clone()
-    marked[:, :, 2, 5, 6] += 100.0
-    run(model, marked, text, 900)
+    marked[:, :, 2, 5, 10] += 100.0
+    call(marked)
     changed = (seen["tokens"].flatten(2).transpose(1, 2) - base).abs().sum(-1)[0]
     layout = controller.layout
-    assert layout == VideoLayout(3, 4, 4)
-    assert int(changed.argmax()) == (2 * layout.height + 5 // 2) * layout.width + 6 // 2
+    assert layout == VideoLayout(3, 4, 6)
+    assert int(changed.argmax()) == (2 * layout.height + 5 // 2) * layout.width + 10 // 2
     hook.remove()
+
+
+def test_a_subclass_of_a_supported_transformer_takes_its_geometry():
+    class MyWan(diffusers.WanTransformer3DModel):
+        pass
+
+    torch.manual_seed(0)
+    model = MyWan(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=64).eval()
+    controller = apply_rainfusion(model, RainFusion2Config())
+    run(model, *inputs(frames=3, size=8, width=12), 900)
+    assert controller.layout == VideoLayout(3, 4, 6) and len(controller.history) == 2
+    remove_rainfusion(model)
 
 
 def test_errors_for_unsupported_models_and_bad_arguments():
     supported = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel",
                  "LTXVideoTransformer3DModel", "WanTransformer3DModel")
-    with pytest.raises(ValueError, match=re.escape(f"does not support Linear; supported transformers: {list(supported)}")):
+    with pytest.raises(ValueError, match=re.escape("does not support Linear; supported transformers (diffusers "
+                                                   f"classes and their subclasses): {list(supported)}")):
         apply_rainfusion(torch.nn.Linear(2, 2), RainFusion2Config())
+    impostor = type("WanTransformer3DModel", (torch.nn.Module,), {})()  # the name alone is not the class
+    with pytest.raises(ValueError, match="does not support WanTransformer3DModel"):
+        apply_rainfusion(impostor, RainFusion2Config())
     with pytest.raises(TypeError, match="model_or_pipeline must be a diffusers transformer or a pipeline"):
         apply_rainfusion(object(), RainFusion2Config())
     model = tiny_wan()

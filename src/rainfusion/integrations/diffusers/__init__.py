@@ -6,7 +6,7 @@ import torch
 
 from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
 from ..._logging import log_once
-from .geometry import GEOMETRIES, LayoutUnknown, geometry_of
+from .geometry import GEOMETRIES, LayoutUnknown, forward_arguments, geometry_of
 from .hooks import RainFusionController, _InterceptingProcessor
 
 _ATTRIBUTE = "_rainfusion_controller"
@@ -28,10 +28,10 @@ def _transformers_of(model_or_pipeline: object) -> tuple[list[torch.nn.Module], 
     return transformers, getattr(model_or_pipeline, "scheduler", None)
 
 
-def _timestep(args: tuple, kwargs: dict, position: int) -> float:
-    """The step's noise level: the largest entry (Wan2.2 TI2V passes per-token timesteps, 0 on the
-    conditioning frame)."""
-    timestep = kwargs.get("timestep", args[position] if len(args) > position else None)
+def _timestep(arguments: dict) -> float:
+    """The step's noise level: the largest entry of the forward's ``timestep`` (Wan2.2 TI2V passes
+    per-token timesteps, 0 on the conditioning frame)."""
+    timestep = arguments.get("timestep")
     if timestep is None:
         raise ValueError("the transformer was called without a timestep; rainfusion needs it to count steps")
     return float(torch.as_tensor(timestep).max())
@@ -39,15 +39,16 @@ def _timestep(args: tuple, kwargs: dict, position: int) -> float:
 
 def _before_forward(controller: RainFusionController, geometry):
     """The forward pre-hook of one transformer: its layout (None, so dense, when its tokens are
-    not a grid rainfusion maps) and the step's timestep."""
+    not a grid rainfusion maps) and the step's timestep, from the arguments bound by name."""
 
     def hook(module, args, kwargs):
+        arguments = forward_arguments(module, args, kwargs)
         try:
-            layout = geometry.layout(module, args, kwargs)
+            layout = geometry.layout(module, arguments)
         except LayoutUnknown as unknown:
             log_once(f"rainfusion: {unknown}; attention of such forwards runs dense")
             layout = None
-        controller.begin_forward(layout, _timestep(args, kwargs, geometry.timestep_position))
+        controller.begin_forward(layout, _timestep(arguments))
 
     return hook
 
