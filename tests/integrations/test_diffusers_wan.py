@@ -50,12 +50,78 @@ def test_remove_restores_the_model_exactly():
     latents, text = inputs()
     before = run(model, latents, text, 500)
     processors = [block.attn1.processor for block in model.blocks]
+    forwards = [module.forward for module in (model, *(block.attn1 for block in model.blocks))]
     apply_rainfusion(model, RainFusionConfig())
+    assert [block.attn1.processor for block in model.blocks] == processors  # never replaced
     assert not torch.equal(run(model, latents, text, 500), before)
     remove_rainfusion(model)
     assert [block.attn1.processor for block in model.blocks] == processors
-    assert not model._forward_pre_hooks
+    assert not model._forward_pre_hooks and not model._diffusers_hook.hooks
+    assert [module.forward for module in (model, *(block.attn1 for block in model.blocks))] == forwards
     assert torch.equal(run(model, latents, text, 500), before)
+
+
+def _sparse_layers(controller) -> set[int]:
+    return {layer for *_, layer, stats in controller.history if not stats.dense}
+
+
+def test_a_processor_set_after_apply_stays_sparse_and_survives_remove():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    mine = WanAttnProcessor()
+    model.blocks[0].attn1.set_processor(mine)
+    run(model, latents, text, 500)
+    assert _sparse_layers(controller) == {0, 1}
+    remove_rainfusion(model)
+    assert model.blocks[0].attn1.processor is mine
+
+
+def test_set_attention_backend_after_apply_reaches_the_processor():
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    model.set_attention_backend("native")  # diffusers' SDPA backend: its call reaches rainfusion
+    assert all(block.attn1.processor._attention_backend is not None for block in model.blocks)
+    run(model, latents, text, 500)
+    assert _sparse_layers(controller) == {0, 1}
+    remove_rainfusion(model)
+    assert all(block.attn1.processor._attention_backend is not None for block in model.blocks)
+
+
+def test_deepcopy_of_a_model_with_rainfusion_runs_the_same():
+    import copy
+
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    twin = copy.deepcopy(model)
+    assert torch.equal(run(twin, latents, text, 500), run(model, latents, text, 500))
+    remove_rainfusion(twin)  # the copy carries its own hooks and controller
+    remove_rainfusion(model)
+
+
+def test_layer_skip_meets_the_same_processor_with_and_without_rainfusion():
+    """apply_layer_skip looks the attention processor up in diffusers' registry: rainfusion leaves
+    the processor alone, so it behaves exactly as on the stock model (diffusers 0.42 has no entry
+    for WanAttnProcessor, and says so, where it used to meet our wrapper instead)."""
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    messages = []
+    for with_rainfusion in (False, True):
+        model = tiny_wan()
+        if with_rainfusion:
+            apply_rainfusion(model, RainFusion2Config())
+        try:
+            apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="blocks", skip_attention=True, skip_ff=False))
+            run(model, *inputs(frames=3, size=16), 500)
+            messages.append(None)
+        except ValueError as error:
+            messages.append(str(error))
+    assert messages[0] == messages[1]
+    assert messages[1] is None or "WanAttnProcessor" in messages[1]
 
 
 @pytest.mark.parametrize("config", [RainFusion2Config(), RainFusionConfig(), RainFusionConfig.rainfusion_plus()])
@@ -181,7 +247,7 @@ def test_wan22_pipeline_with_two_transformers_shares_one_step_count():
         (0, 0), (0, 1), (1, 0), (1, 1), (2, 2), (2, 3), (3, 2), (3, 3)]
     remove_rainfusion(pipe)
     assert [m.processor for t in (pipe.transformer, pipe.transformer_2) for m in (b.attn1 for b in t.blocks)] == processors
-    assert not hasattr(pipe.transformer_2, "_rainfusion_controller")
+    assert not pipe.transformer_2._diffusers_hook.hooks
     for hook in hooks:
         hook.remove()
 

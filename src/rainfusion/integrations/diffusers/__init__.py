@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
-from ..._logging import log_once
-from .geometry import GEOMETRIES, LayoutUnknown, forward_arguments, geometry_of
-from .hooks import RainFusionController, _InterceptingProcessor
-
-_ATTRIBUTE = "_rainfusion_controller"
+from .geometry import GEOMETRIES, geometry_of
+from .hooks import RainFusionController
 
 
 def _transformers_of(model_or_pipeline: object) -> tuple[list[torch.nn.Module], object | None]:
@@ -28,31 +25,6 @@ def _transformers_of(model_or_pipeline: object) -> tuple[list[torch.nn.Module], 
     return transformers, getattr(model_or_pipeline, "scheduler", None)
 
 
-def _timestep(arguments: dict) -> float:
-    """The step's noise level: the largest entry of the forward's ``timestep`` (Wan2.2 TI2V passes
-    per-token timesteps, 0 on the conditioning frame)."""
-    timestep = arguments.get("timestep")
-    if timestep is None:
-        raise ValueError("the transformer was called without a timestep; rainfusion needs it to count steps")
-    return float(torch.as_tensor(timestep).max())
-
-
-def _before_forward(controller: RainFusionController, geometry):
-    """The forward pre-hook of one transformer: its layout (None, so dense, when its tokens are
-    not a grid rainfusion maps) and the step's timestep, from the arguments bound by name."""
-
-    def hook(module, args, kwargs):
-        arguments = forward_arguments(module, args, kwargs)
-        try:
-            layout = geometry.layout(module, arguments)
-        except LayoutUnknown as unknown:
-            log_once(f"rainfusion: {unknown}; attention of such forwards runs dense")
-            layout = None
-        controller.begin_forward(layout, _timestep(arguments))
-
-    return hook
-
-
 def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps: int | None = None,
                      skip_layers: tuple[int, ...] = ()) -> RainFusionController:
     """Turn sparse attention on for one transformer instance, or for a pipeline's transformer(s).
@@ -69,7 +41,9 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
         raise TypeError(f"config must be a RainFusionConfig or RainFusion2Config, got {type(config).__name__}")
     transformers, scheduler = _transformers_of(model_or_pipeline)
     geometries = [geometry_of(transformer) for transformer in transformers]
-    if any(getattr(transformer, _ATTRIBUTE, None) is not None for transformer in transformers):
+    from ._model_hooks import SelfAttentionHook, TransformerHook, register
+
+    if any(_controller_hook(transformer) is not None for transformer in transformers):
         raise ValueError("rainfusion is already applied to this transformer; call remove_rainfusion first")
     modules = [geometry.self_attention(transformer) for transformer, geometry in zip(transformers, geometries)]
     fewest = min(len(layers) for layers in modules)
@@ -79,30 +53,35 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
     controller = RainFusionController(transformers, config, num_steps, scheduler)
     first_layer = 0
     for transformer, geometry, layers in zip(transformers, geometries, modules):
-        controller._hooks.append(transformer.register_forward_pre_hook(_before_forward(controller, geometry),
-                                                                        with_kwargs=True))
+        register(transformer, TransformerHook(controller, geometry))
         for layer, module in enumerate(layers):
-            controller._originals.append((module, module.processor))
-            module.processor = _InterceptingProcessor(module.processor, controller, first_layer + layer,
-                                                      dense=layer in skip_layers)
+            register(module, SelfAttentionHook(controller, first_layer + layer, dense=layer in skip_layers))
         first_layer += len(layers)
-        setattr(transformer, _ATTRIBUTE, controller)
     return controller
 
 
 def remove_rainfusion(model_or_pipeline: object) -> None:
-    """Undo ``apply_rainfusion``: the original processors and no hooks, on every transformer it
-    was applied to."""
+    """Undo ``apply_rainfusion``: its hooks leave every transformer it was applied to and their
+    self-attention modules (the processors were never touched)."""
     transformers, _ = _transformers_of(model_or_pipeline)
-    controller = getattr(transformers[0], _ATTRIBUTE, None)
-    if controller is None:
+    hook = _controller_hook(transformers[0])
+    if hook is None:
         raise ValueError("rainfusion is not applied to this transformer")
-    for hook in controller._hooks:
-        hook.remove()
-    for module, processor in controller._originals:
-        module.processor = processor
-    for transformer in controller.models:
-        delattr(transformer, _ATTRIBUTE)
+    from ._model_hooks import registered, unregister
+
+    for transformer in hook.controller.models:
+        for module in [transformer, *geometry_of(transformer).self_attention(transformer)]:
+            if registered(module) is not None:
+                unregister(module)
+
+
+def _controller_hook(transformer: torch.nn.Module):
+    """The transformer's rainfusion hook (it holds the controller), or None."""
+    if getattr(transformer, "_diffusers_hook", None) is None:
+        return None
+    from ._model_hooks import registered
+
+    return registered(transformer)
 
 
 __all__ = ["GEOMETRIES", "RainFusionController", "apply_rainfusion", "remove_rainfusion"]

@@ -1,11 +1,11 @@
-"""Instance-scoped plumbing: a forward pre-hook on the transformer reads the layout and the
-denoising step; each self-attention module's processor is wrapped so that, while it runs, its
-``F.scaled_dot_product_attention`` call goes to ``sparse_attention`` (a ``TorchFunctionMode``:
-no class or module patching). Removing restores the original processors and hook."""
+"""Instance-scoped state and the interception: the controller (layout, step, CFG pass, per-layer
+states, history) and the ``TorchFunctionMode`` that sends a self-attention module's
+``F.scaled_dot_product_attention`` call to ``sparse_attention``. diffusers' hooks
+(``_model_hooks``) feed the controller and activate the mode; no class, module or processor is
+replaced."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +41,6 @@ class RainFusionController:
     history: list[tuple[int, int, int, AttentionStats]] = field(default_factory=list)
     _last_timestep: float | None = None
     _padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
-    _originals: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
-    _hooks: list[object] = field(default_factory=list)
 
     def begin_forward(self, layout: VideoLayout | None, timestep: float) -> None:
         """Called before each transformer forward: a new timestep is a new step, a higher one
@@ -113,23 +111,3 @@ class _AttentionInterceptor(TorchFunctionMode):
                                kv_valid_len=kv_valid_len)
         c.history.append((c.step, c.call_in_step, self.layer, state.stats))
         return out
-
-
-class _InterceptingProcessor:
-    """Wraps a module's attention processor: runs it with the interceptor active. ``layer``
-    numbers the layer across the controller's transformers; ``dense``: a skipped layer."""
-
-    def __init__(self, original: object, controller: RainFusionController, layer: int, dense: bool = False):
-        self.original, self.controller, self.layer, self.dense = original, controller, layer, dense
-        # diffusers drops the kwargs that inspect.signature(processor.__call__) lacks: show the original's
-        self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
-
-    def __getattr__(self, name: str):  # diffusers reads attributes of processors (e.g. backends)
-        return getattr(self.original, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._run(*args, **kwargs)
-
-    def _run(self, *args, **kwargs):
-        with _AttentionInterceptor(self.controller, self.layer, self.dense):
-            return self.original(*args, **kwargs)
