@@ -78,3 +78,15 @@ def test_marker_lands_on_the_token_the_layout_says():
     assert (layout.frames, layout.height, layout.width) == (3, 4, 6)
     want = layout.video_start + (2 * layout.height + 5 // 2) * layout.width + 10 // 2
     assert int(changed.argmax()) == want
+
+
+def test_its_processor_calls_torch_directly_so_any_active_backend_still_reaches_rainfusion():
+    """CogVideoX's processor calls F.scaled_dot_product_attention itself (no diffusers dispatch):
+    an active `attention_backend("flex")` does not change what rainfusion receives."""
+    from diffusers import attention_backend
+
+    model = tiny_cogvideox()
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    with attention_backend("flex"):
+        run(model, *inputs(frames=3, size=16), 900)
+    assert controller.history and all(not stats.dense for *_, stats in controller.history)

@@ -284,3 +284,56 @@ def test_wan_i2v_and_per_token_timesteps(per_token_timesteps):
     assert controller.step == 2 and controller.layout == VideoLayout(5, 16, 16)
     assert [stats.dense for step_, *_, stats in controller.history if step_ == 0] == [True, True]  # warm-up
     assert not any(stats.dense for step_, *_, stats in controller.history if step_ > 0)
+
+
+def _refusal(backend: str) -> str:
+    return rf"self-attention layer 0 dispatches to diffusers' attention backend '{backend}'.*use the 'native' backend"
+
+
+def test_the_active_attention_backend_is_checked_at_forward():
+    from diffusers import attention_backend
+
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    with attention_backend("flex"), pytest.raises(ValueError, match=_refusal("flex")):
+        run(model, latents, text, 500)
+    with attention_backend("native"):  # diffusers' SDPA backend: rainfusion takes its calls
+        run(model, latents, text, 500)
+    assert _sparse_layers(controller) == {0, 1}
+
+
+@pytest.mark.parametrize("backend", ["flex", "flash", "sage", "xformers"])
+def test_a_layer_backend_rainfusion_cannot_see_is_refused_at_apply_and_at_forward(backend):
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    for block in model.blocks:  # what set_attention_backend(backend) writes, where the package is installed
+        block.attn1.processor._attention_backend = backend
+    with pytest.raises(ValueError, match=_refusal(backend)):
+        apply_rainfusion(model, RainFusion2Config())
+    assert not getattr(model, "_diffusers_hook", None) or not model._diffusers_hook.hooks  # nothing installed
+    for block in model.blocks:
+        block.attn1.processor._attention_backend = None
+    apply_rainfusion(model, RainFusion2Config())
+    model.blocks[0].attn1.processor._attention_backend = backend  # changed after apply
+    with pytest.raises(ValueError, match=_refusal(backend)):
+        run(model, latents, text, 500)
+
+
+def test_a_layer_whose_processor_makes_no_sdpa_call_is_said_to_run_dense(caplog):
+    class ManualAttention:
+        """Attention written out by hand: no F.scaled_dot_product_attention call to take over."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            q, k, v = (proj(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                       for proj in (attn.to_q, attn.to_k, attn.to_v))
+            weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
+
+    model = tiny_wan()
+    model.blocks[1].attn1.set_processor(ManualAttention())
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0))
+    with caplog.at_level("WARNING", logger="rainfusion"):
+        run(model, *inputs(frames=3, size=16), 500)
+    assert _sparse_layers(controller) == {0}
+    assert "self-attention layer 1 made no scaled_dot_product_attention call (its processor ManualAttention" in caplog.text

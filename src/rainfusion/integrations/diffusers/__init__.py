@@ -41,7 +41,7 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
         raise TypeError(f"config must be a RainFusionConfig or RainFusion2Config, got {type(config).__name__}")
     transformers, scheduler = _transformers_of(model_or_pipeline)
     geometries = [geometry_of(transformer) for transformer in transformers]
-    from ._model_hooks import SelfAttentionHook, TransformerHook, register
+    from ._model_hooks import SelfAttentionHook, TransformerHook, check_backend, register
 
     if any(_controller_hook(transformer) is not None for transformer in transformers):
         raise ValueError("rainfusion is already applied to this transformer; call remove_rainfusion first")
@@ -50,6 +50,8 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
     bad = sorted(i for i in skip_layers if not 0 <= i < fewest)
     if bad:
         raise ValueError(f"skip_layers must be in [0, {fewest}), got {bad}")
+    for layer, module in enumerate(module for layers in modules for module in layers):
+        check_backend(module, layer)  # before any hook goes in: a refusal leaves the model as it was
     controller = RainFusionController(transformers, config, num_steps, scheduler)
     first_layer = 0
     for transformer, geometry, layers in zip(transformers, geometries, modules):

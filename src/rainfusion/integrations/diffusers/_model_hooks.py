@@ -9,12 +9,39 @@ from __future__ import annotations
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from ..._logging import log_once
 from .geometry import LayoutUnknown, ModelGeometry, forward_arguments
 from .hooks import RainFusionController, _AttentionInterceptor
 
 HOOK_NAME = "rainfusion"
+# diffusers' attention backends that call torch's scaled_dot_product_attention: the calls
+# rainfusion receives (the others call their own kernels, which it cannot see)
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+
+
+def effective_backend(module: torch.nn.Module) -> str | None:
+    """The diffusers attention backend ``module``'s processor dispatches to now: its own
+    (``set_attention_backend``), else the active one (``attention_backend()``,
+    ``DIFFUSERS_ATTN_BACKEND``); None for a processor that calls torch directly (no dispatch)."""
+    if not hasattr(module.processor, "_attention_backend"):
+        return None
+    backend = module.processor._attention_backend or _AttentionBackendRegistry._active_backend
+    return AttentionBackendName(backend).value
+
+
+def check_backend(module: torch.nn.Module, layer: int) -> None:
+    """``ValueError`` when the layer's attention would not reach rainfusion (it would run dense
+    without a word)."""
+    name = effective_backend(module)
+    if name is not None and name not in SDPA_BACKENDS:
+        raise ValueError(
+            f"self-attention layer {layer} dispatches to diffusers' attention backend {name!r}, whose kernel "
+            f"rainfusion cannot take over (it takes the calls of torch's scaled_dot_product_attention: backends "
+            f"{', '.join(SDPA_BACKENDS)}); with rainfusion use the 'native' backend (set_attention_backend('native'), "
+            f"no attention_backend() context, DIFFUSERS_ATTN_BACKEND unset), or remove_rainfusion to run {name!r}"
+        )
 
 
 def _timestep(arguments: dict) -> float:
@@ -54,8 +81,14 @@ class SelfAttentionHook(ModelHook):
         self.controller, self.layer, self.dense = controller, layer, dense
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        with _AttentionInterceptor(self.controller, self.layer, self.dense):
-            return self.fn_ref.original_forward(*args, **kwargs)
+        check_backend(module, self.layer)
+        interceptor = _AttentionInterceptor(self.controller, self.layer, self.dense)
+        with interceptor:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if interceptor.calls == 0 and not self.dense and self.controller.layout is not None:
+            log_once(f"rainfusion: self-attention layer {self.layer} made no scaled_dot_product_attention call "
+                     f"(its processor {type(module.processor).__name__} computes attention another way): it ran dense")
+        return output
 
 
 def register(module: torch.nn.Module, hook: ModelHook) -> None:

@@ -87,11 +87,13 @@ class _AttentionInterceptor(TorchFunctionMode):
     def __init__(self, controller: RainFusionController, layer: int, dense: bool):
         super().__init__()
         self.controller, self.layer, self.dense = controller, layer, dense
+        self.calls = 0  # SDPA calls received while active
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
+        self.calls += 1
         return self._attention(*args, **kwargs)
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
