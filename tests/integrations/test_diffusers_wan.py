@@ -337,3 +337,39 @@ def test_a_layer_whose_processor_makes_no_sdpa_call_is_said_to_run_dense(caplog)
         run(model, *inputs(frames=3, size=16), 500)
     assert _sparse_layers(controller) == {0}
     assert "self-attention layer 1 made no scaled_dot_product_attention call (its processor ManualAttention" in caplog.text
+
+
+def test_steps_come_from_the_cache_context_and_survive_a_heun_style_scheduler(monkeypatch):
+    """Inside `cache_context(name, step_index=i, num_inference_steps=n)` the step is the pipeline's:
+    two model calls per step at different timesteps (a second-order scheduler) stay one step, each
+    context name is one CFG pass, the warm-up counts n steps, and no timestep is read on the host."""
+    from rainfusion.integrations.diffusers import _model_hooks
+
+    model = tiny_wan()
+    latents, text = inputs(frames=3, size=16)
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.25))
+    monkeypatch.setattr(_model_hooks, "_timestep", lambda arguments: pytest.fail("timestep read on the host"))
+    timesteps = [900, 800, 700, 600, 500, 400, 300, 200]  # 4 steps, two evaluations each
+    for call, t in enumerate(timesteps):
+        for name in ("cond", "uncond"):
+            with model.cache_context(name, step_index=call // 2, num_inference_steps=4):
+                run(model, latents, text, t)
+    steps = [(step, cfg) for step, cfg, layer, _ in controller.history if layer == 0]
+    assert steps == [(s, c) for s in range(4) for _ in range(2) for c in (0, 1)]
+    assert {step for step, _c, _l, stats in controller.history if stats.dense} == {0}  # ceil(0.25 * 4) = 1
+    assert controller.num_steps == 4
+    monkeypatch.undo()
+    run(model, latents, text, 900)  # a plain call falls back to the timestep rule: a new generation
+    assert controller.step == 0 and len(controller.history) == 2
+
+
+@needs_pipeline
+def test_a_pipeline_run_counts_its_steps_and_cfg_passes_from_its_cache_context():
+    pipe = build_tiny_wan_pipeline(seed=5)
+    controller = apply_rainfusion(pipe, RainFusion2Config(warmup_fraction=0.25))
+    pipe(prompt="a red car", negative_prompt="snow", num_frames=9, height=128, width=128, num_inference_steps=4,
+         guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert sorted({(step, cfg) for step, cfg, layer, _ in controller.history if layer == 0}) == [
+        (s, c) for s in range(4) for c in (0, 1)]
+    assert {step for step, _c, _l, stats in controller.history if stats.dense} == {0}
+    remove_rainfusion(pipe)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from ..._logging import log_once
@@ -53,13 +54,26 @@ def _timestep(arguments: dict) -> float:
     return float(torch.as_tensor(timestep).max())
 
 
+class _NoState(BaseState):
+    """The controller keeps rainfusion's state; the StateManager is only how diffusers hands a
+    stateful hook the pipeline's cache context."""
+
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
 class TransformerHook(ModelHook):
     """Before each transformer forward: its layout (None, so dense, when its tokens are not a grid
-    rainfusion maps) and the step's timestep, from the arguments bound by name."""
+    rainfusion maps) and the step, from the pipeline's cache context (``cache_context(name,
+    step_index=..., num_inference_steps=...)``, no host read) when it gives one, else from the
+    forward's timestep."""
+
+    _is_stateful = True
 
     def __init__(self, controller: RainFusionController, geometry: ModelGeometry):
         super().__init__()
         self.controller, self.geometry = controller, geometry
+        self.state_manager = StateManager(_NoState)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         arguments = forward_arguments(module, args, kwargs)
@@ -68,8 +82,17 @@ class TransformerHook(ModelHook):
         except LayoutUnknown as unknown:
             log_once(f"rainfusion: {unknown}; attention of such forwards runs dense")
             layout = None
-        self.controller.begin_forward(layout, _timestep(arguments))
+        context = self.state_manager._context
+        if context is not None and context.step_index is not None:
+            self.controller.begin_context_forward(layout, context.step_index, context.num_inference_steps,
+                                                  context.name)
+        else:
+            self.controller.begin_forward(layout, _timestep(arguments))
         return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
 
 
 class SelfAttentionHook(ModelHook):

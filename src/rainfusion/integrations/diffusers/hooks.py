@@ -40,6 +40,8 @@ class RainFusionController:
     states: dict[tuple[int, int], AttentionState] = field(default_factory=dict)
     history: list[tuple[int, int, int, AttentionStats]] = field(default_factory=list)
     _last_timestep: float | None = None
+    _context_step: int | None = None
+    _passes: dict[str, int] = field(default_factory=dict)  # CFG pass of each cache-context name in the step
     _padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def begin_forward(self, layout: VideoLayout | None, timestep: float) -> None:
@@ -54,7 +56,26 @@ class RainFusionController:
         elif timestep != self._last_timestep:
             self.step += 1
         self.call_in_step = 0 if new_generation or timestep != self._last_timestep else self.call_in_step + 1
-        self.layout, self._last_timestep, self._padding = layout, timestep, None
+        self.layout, self._last_timestep, self._context_step, self._padding = layout, timestep, None, None
+
+    def begin_context_forward(self, layout: VideoLayout | None, step: int, num_steps: int | None,
+                              name: str) -> None:
+        """Called before a transformer forward inside a pipeline's ``cache_context(name,
+        step_index=..., num_inference_steps=...)``: the step and the step count are the pipeline's
+        (a scheduler that calls the model twice per step, Heun-style, stays one step); a lower step
+        index than the last, or a new layout, starts a new generation; each context name ("cond",
+        "uncond") is a CFG pass, numbered in order of first use within the step."""
+        new_generation = self._context_step is None or step < self._context_step or layout != self.layout
+        if new_generation:
+            self.states, self.history = {}, []
+        if new_generation or step != self._context_step:
+            self._passes = {}
+        if num_steps is not None:
+            self.num_steps = num_steps
+        elif new_generation and self.scheduler is not None and getattr(self.scheduler, "timesteps", None) is not None:
+            self.num_steps = len(self.scheduler.timesteps)
+        self.step, self.call_in_step = step, self._passes.setdefault(name, len(self._passes))
+        self.layout, self._context_step, self._last_timestep, self._padding = layout, step, None, None
 
     def key_padding(self, attn_mask: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         """int32 [B] valid key counts when ``attn_mask`` is a boolean key padding of the trailing
