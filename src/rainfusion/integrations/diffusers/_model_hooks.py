@@ -33,8 +33,17 @@ def effective_backend(module: torch.nn.Module) -> str | None:
 
 
 def check_backend(module: torch.nn.Module, layer: int) -> None:
-    """``ValueError`` when the layer's attention would not reach rainfusion (it would run dense
-    without a word)."""
+    """``ValueError`` when the layer's attention would not reach rainfusion whole (it would run
+    dense without a word, or on key shards): another kernel backend, or ring context parallelism.
+    Ulysses is fine: each rank attends over the full sequence for its heads."""
+    context_parallel = getattr(getattr(module.processor, "_parallel_config", None), "context_parallel_config", None)
+    if context_parallel is not None and (context_parallel.ring_degree or 1) > 1:
+        raise ValueError(
+            f"self-attention layer {layer} runs ring context parallelism (ring_degree="
+            f"{context_parallel.ring_degree}): each rank would see a shard of the keys, and rainfusion predicts masks "
+            "over the whole sequence; use Ulysses (ContextParallelConfig(ulysses_degree=...)), whose ranks attend "
+            "over the full sequence for their heads"
+        )
     name = effective_backend(module)
     if name is not None and name not in SDPA_BACKENDS:
         raise ValueError(
