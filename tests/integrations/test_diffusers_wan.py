@@ -373,3 +373,18 @@ def test_a_pipeline_run_counts_its_steps_and_cfg_passes_from_its_cache_context()
         (s, c) for s in range(4) for c in (0, 1)]
     assert {step for step, _c, _l, stats in controller.history if stats.dense} == {0}
     remove_rainfusion(pipe)
+
+
+def test_torch_compile_of_the_model_gives_the_eager_rainfusion_output():
+    """torch.compile(model) with rainfusion applied (Dynamo traces diffusers' hooks and our
+    TorchFunctionMode; graph breaks remain, docs/design.md lists them): same output, still sparse."""
+    latents, text = inputs(frames=5, size=32)
+    model = tiny_wan()
+    controller = apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.0, block_size=64))
+    eager = run(model, latents, text, 500)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        out = compiled(latents, torch.tensor([500]), text, return_dict=False)[0]
+    assert torch.equal(out, eager)
+    assert len(controller.history) == 4 and all(stats.mean_density < 1 for *_, stats in controller.history)
