@@ -65,8 +65,8 @@ def check_kv_valid_len(kv_valid_len: object, query: torch.Tensor,
 
     With ``valid_range`` (low, high), as the public entry points pass it, every count must lie in
     [low, high] (else a ValueError ending with ``why``): that reads their range on the host (one
-    device synchronisation). The kernels
-    take any count in [0, Nk] unchecked (rows with no key give 0).
+    device synchronisation). The kernels take any count in [0, Nk] unchecked (rows with no key
+    give 0).
     """
     if kv_valid_len is None:
         return None

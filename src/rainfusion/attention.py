@@ -64,7 +64,7 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     keys at positions >= it are padding (the end of text placed after the video, as
     HunyuanVideo pads its prompt): at least the video's token count, at most N. Returns
     [B, H, N, D] in the input dtype; float64 inputs are computed in float64 on dense and sparse
-    steps alike. Gradients flow on the PyTorch backends (see ``backends``), the masks being
+    steps alike. Gradients flow on the portable backend (see ``backends``), the masks being
     constants.
     """
     check_qkv(query, key, value)

@@ -75,7 +75,7 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_k
                     grad: bool = False) -> str:
     """The backend that will run ``query`` [B, H, N, D] with masks of ``block_size`` for the
     requested ``backend``; ``padded_keys``: the call has per-item valid key counts (FA4 can't);
-    ``grad``: the inputs need a gradient (only the PyTorch backends have one)."""
+    ``grad``: the inputs need a gradient (only the portable backend has one)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = query.device

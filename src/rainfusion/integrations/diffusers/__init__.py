@@ -41,9 +41,9 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
         raise TypeError(f"config must be a RainFusionConfig or RainFusion2Config, got {type(config).__name__}")
     transformers, scheduler = _transformers_of(model_or_pipeline)
     geometries = [geometry_of(transformer) for transformer in transformers]
-    from ._model_hooks import SelfAttentionHook, TransformerHook, check_backend, register
+    from ._model_hooks import SelfAttentionHook, TransformerHook, check_backend, register, registered
 
-    if any(_controller_hook(transformer) is not None for transformer in transformers):
+    if any(registered(transformer) is not None for transformer in transformers):
         raise ValueError("rainfusion is already applied to this transformer; call remove_rainfusion first")
     modules = [geometry.self_attention(transformer) for transformer, geometry in zip(transformers, geometries)]
     fewest = min(len(layers) for layers in modules)
@@ -65,25 +65,14 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
 def remove_rainfusion(model_or_pipeline: object) -> None:
     """Undo ``apply_rainfusion``: its hooks leave every transformer it was applied to and their
     self-attention modules (the processors were never touched)."""
-    transformers, _ = _transformers_of(model_or_pipeline)
-    hook = _controller_hook(transformers[0])
-    if hook is None:
-        raise ValueError("rainfusion is not applied to this transformer")
     from ._model_hooks import registered, unregister
 
+    transformers, _ = _transformers_of(model_or_pipeline)
+    hook = registered(transformers[0])
+    if hook is None:
+        raise ValueError("rainfusion is not applied to this transformer")
     for transformer in hook.controller.models:
-        for module in [transformer, *geometry_of(transformer).self_attention(transformer)]:
-            if registered(module) is not None:
-                unregister(module)
-
-
-def _controller_hook(transformer: torch.nn.Module):
-    """The transformer's rainfusion hook (it holds the controller), or None."""
-    if getattr(transformer, "_diffusers_hook", None) is None:
-        return None
-    from ._model_hooks import registered
-
-    return registered(transformer)
+        unregister(transformer)
 
 
 __all__ = ["GEOMETRIES", "RainFusionController", "apply_rainfusion", "remove_rainfusion"]

@@ -124,6 +124,7 @@ class SelfAttentionHook(ModelHook):
 
 
 def register(module: torch.nn.Module, hook: ModelHook) -> None:
+    """Add ``hook`` to ``module``'s diffusers hook registry under rainfusion's name."""
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
 
 
@@ -133,5 +134,6 @@ def registered(module: torch.nn.Module) -> ModelHook | None:
     return None if registry is None else registry.get_hook(HOOK_NAME)
 
 
-def unregister(module: torch.nn.Module) -> None:
-    module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+def unregister(transformer: torch.nn.Module) -> None:
+    """Remove the rainfusion hooks of ``transformer`` and of its submodules (the registry recurses)."""
+    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=True)
