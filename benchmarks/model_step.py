@@ -1,12 +1,14 @@
 """One denoising step of a real diffusers transformer (real config, random weights) on a GPU.
 
-Per model: the dense step on the fastest SDPA backend that takes the model's attention call
-(cuDNN, else flash, else memory-efficient: HunyuanVideo passes a text-padding mask), the same step
-with attention replaced by a no-op (for the attention share), a dense step through rainfusion
-(what its warm-up steps run: FA4 dense or our kernel), and sparse steps of RainFusion v1 (0.5)
-and v2 (0.8, 0.9, and 0.8 with the forced blocks inside the budget). The whole-schedule
-speed-up assumes 50 steps with each method's default warm-up (dense steps first). Speed does not
-depend on the weight values.
+Per model: the stock step on the fastest SDPA backend that takes the model's attention call
+(cuDNN, else flash, else memory-efficient: HunyuanVideo passes a text-padding mask), eager and
+under diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``, Inductor); the
+step with attention replaced by a no-op (for the attention share); rainfusion's dense path (what
+its warm-up steps run: FA4 dense or our kernel), eager and compiled; RainFusion v1 (0.5) and v2
+(0.8), v2 eager and compiled. Speed-ups are against the stock step and against the best dense
+step of the run; the whole-schedule ones assume 50 steps with each method's default warm-up
+(dense steps first, on rainfusion's dense path). Wan2.1-1.3B runs its CFG pair as one batch of
+2. Speed does not depend on the weight values.
 
     python benchmarks/model_step.py --models wan-1.3b-480p hunyuan-720p [--layers N] [--out results.json]
 """
@@ -36,8 +38,8 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6)
 MODELS = {
-    # Wan2.1-T2V-1.3B: 480p, 81 frames -> latents 21 x 60 x 104, 32,760 tokens after 1x2x2 patches
-    "wan-1.3b-480p": dict(cls="WanTransformer3DModel", config=WAN_1_3B, latents=(1, 16, 21, 60, 104)),
+    # Wan2.1-T2V-1.3B: 480p, 81 frames -> latents 21 x 60 x 104, 32,760 tokens after 1x2x2 patches (CFG batch 2)
+    "wan-1.3b-480p": dict(cls="WanTransformer3DModel", config=WAN_1_3B, latents=(2, 16, 21, 60, 104)),
     # Wan2.1-T2V-14B: 720p, 81 frames -> latents 21 x 90 x 160, 75,600 tokens
     "wan-14b-720p": dict(cls="WanTransformer3DModel", latents=(1, 16, 21, 90, 160),
                          config=dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)),
@@ -50,8 +52,6 @@ MODELS = {
                                      text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
                                      rope_axes_dim=(16, 56, 56))),
 }
-METHODS = {"v1-0.5": method_config("rainfusion"), "v2-0.8": method_config("rainfusion2"),
-           "v2-0.9": method_config("rainfusion2", sparsity=0.9), "v2-0.8-in-budget": method_config("rainfusion2-in-budget")}
 DENSE_BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                   ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
 
@@ -83,9 +83,10 @@ def build(name: str, layers: int | None):
         model = getattr(diffusers, spec["cls"])(**config).eval()
     torch.set_default_dtype(default)
     latents = torch.randn(spec["latents"], device=DEVICE, dtype=torch.bfloat16)
-    timestep = torch.tensor([500], device=DEVICE)
+    batch = latents.shape[0]
+    timestep = torch.full((batch,), 500, device=DEVICE)
     if spec["cls"] == "WanTransformer3DModel":
-        text = torch.randn(1, 512, 4096, device=DEVICE, dtype=torch.bfloat16)
+        text = torch.randn(batch, 512, 4096, device=DEVICE, dtype=torch.bfloat16)
         args, kwargs = (latents, timestep, text), {}
     else:
         text = torch.randn(1, 256, 4096, device=DEVICE, dtype=torch.bfloat16)
@@ -101,57 +102,82 @@ def build(name: str, layers: int | None):
     return model, call, config
 
 
+def _fastest_sdpa(name: str, call) -> tuple[str, SDPBackend]:
+    """The first SDPA kernel of DENSE_BACKENDS that takes the model's attention calls."""
+    for backend_name, backend in DENSE_BACKENDS:
+        try:
+            with sdpa_kernel(backend):
+                call()
+            return backend_name, backend
+        except RuntimeError as error:
+            print(f"{name}: SDPA {backend_name} does not take the call ({str(error)[:80]})")
+    raise RuntimeError(f"no SDPA backend runs {name}")
+
+
 def bench_model(name: str, layers: int | None) -> dict:
+    """The rows of one model: stock eager and compiled (``compile_repeated_blocks(fullgraph=True)``,
+    diffusers' regional compilation), the step without attention, rainfusion's dense path eager
+    and compiled, v1 0.5, v2 0.8 eager and compiled; speed-ups against the stock step and the
+    best dense step."""
     import diffusers
 
     model, call, config = build(name, layers)
     n_attention = len(geometry_of(model).self_attention(model))
     timing = dict(budget_ms=6000, min_runs=2)
+    backend_name, backend = _fastest_sdpa(name, call)
     rows = []
-    for backend_name, backend in DENSE_BACKENDS:  # the fastest SDPA kernel that takes the call
-        try:
-            with sdpa_kernel(backend):
-                call()
-        except RuntimeError as error:
-            print(f"{name}: SDPA {backend_name} does not take the call ({str(error)[:80]})")
-            continue
+
+    def row(method: str, config=None, skip_layers: tuple[int, ...] = ()) -> None:
+        """Time one step: stock (config None), or with rainfusion applied (then removed); with
+        every layer in ``skip_layers``, its dense path, whose kernels are recorded."""
+        r = dict(method=method) if config is not None else dict(method=method, backend=f"sdpa-{backend_name}")
+        controller = None if config is None else apply_rainfusion(model, config, skip_layers=skip_layers)
+        used = set()
+
+        def recording(*args, **kwargs):
+            out, backend_used = dense_attention(*args, **kwargs)
+            used.add(backend_used)
+            return out, backend_used
+
+        hooks.dense_attention = recording
         with sdpa_kernel(backend):
-            rows.append(dict(method="dense", backend=f"sdpa-{backend_name}", ms=time_ms(call, **timing)))
-        break
-    if not rows:
-        raise RuntimeError(f"no SDPA backend runs {name}")
-    with sdpa_kernel(backend), _NoAttention():
-        rows.append(dict(method="no-attention", ms=time_ms(call, **timing)))
-    used = set()  # which kernels rainfusion's dense path picks
+            r["ms"] = time_ms(call, **timing)
+        hooks.dense_attention = dense_attention
+        if skip_layers:
+            r["backend"] = "+".join(sorted(used))
+            remove_rainfusion(model)
+        elif controller is not None:
+            last = controller.history[-n_attention:]
+            r.update(backend=last[-1][-1].backend, density=sum(s.mean_density for *_, s in last) / len(last),
+                     warmup_steps=math.ceil(config.warmup_fraction * STEPS - 1e-9))
+            remove_rainfusion(model)
+        rows.append(r)
 
-    def recording(*args, **kwargs):
-        out, backend_used = dense_attention(*args, **kwargs)
-        used.add(backend_used)
-        return out, backend_used
-
-    hooks.dense_attention = recording
-    apply_rainfusion(model, RainFusion2Config(), skip_layers=tuple(range(n_attention)))
-    ms = time_ms(call, **timing)
-    rows.append(dict(method="dense-rainfusion", backend="+".join(sorted(used)), ms=ms))
-    remove_rainfusion(model)
-    hooks.dense_attention = dense_attention
-    for method, config in METHODS.items():
-        controller = apply_rainfusion(model, config)
-        ms = time_ms(call, **timing)
-        last = controller.history[-n_attention:]
-        rows.append(dict(method=method, ms=ms, backend=last[-1][-1].backend,
-                         density=sum(float(stats.mean_density) for *_, stats in last) / len(last),
-                         warmup_steps=math.ceil(config.warmup_fraction * STEPS - 1e-9)))
-        remove_rainfusion(model)
-    dense, no_attention, warm = (r["ms"] for r in rows[:3])
-    for r in rows[3:]:
-        w = r["warmup_steps"]
-        r["step_speedup"] = dense / r["ms"]
-        r["schedule_speedup"] = STEPS * dense / (w * warm + (STEPS - w) * r["ms"])
-    del model
-    torch.cuda.empty_cache()
+    every_layer = tuple(range(n_attention))
+    row("dense")
+    with _NoAttention():
+        row("no-attention")
+    row("dense-rainfusion", RainFusion2Config(), every_layer)
+    row("v1-0.5", method_config("rainfusion"))
+    row("v2-0.8", method_config("rainfusion2"))
+    model.compile_repeated_blocks(fullgraph=True)
+    row("dense-compiled")
+    row("dense-rainfusion-compiled", RainFusion2Config(), every_layer)
+    row("v2-0.8-compiled", method_config("rainfusion2"))
+    ms = {r["method"]: r["ms"] for r in rows}
+    stock, best_dense = ms["dense"], min(ms["dense"], ms["dense-compiled"], ms["dense-rainfusion"],
+                                         ms["dense-rainfusion-compiled"])
+    for r in rows:
+        if "warmup_steps" not in r or r["method"].startswith("dense"):
+            continue
+        warm = ms["dense-rainfusion-compiled" if r["method"].endswith("-compiled") else "dense-rainfusion"]
+        schedule = r["warmup_steps"] * warm + (STEPS - r["warmup_steps"]) * r["ms"]
+        r.update(step_speedup=stock / r["ms"], step_speedup_vs_best_dense=best_dense / r["ms"],
+                 schedule_speedup=STEPS * stock / schedule, schedule_speedup_vs_best_dense=STEPS * best_dense / schedule)
     return dict(model=name, layers={k: v for k, v in config.items() if k.endswith("layers")},
-                attention_share=1 - no_attention / dense, diffusers=diffusers.__version__, rows=rows)
+                batch=MODELS[name]["latents"][0], attention_share=1 - ms["no-attention"] / stock,
+                best_dense=min(("dense", "dense-compiled", "dense-rainfusion", "dense-rainfusion-compiled"), key=ms.get),
+                diffusers=diffusers.__version__, rows=rows)
 
 
 def main() -> None:
@@ -162,7 +188,11 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     layers = args.layers or [None] * len(args.models)
-    results = [bench_model(name, n or None) for name, n in zip(args.models, layers)]
+    results = []
+    for name, n in zip(args.models, layers):
+        results.append(bench_model(name, n or None))
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
     report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                   steps=STEPS, models=results)
     if args.out:
@@ -172,9 +202,10 @@ def main() -> None:
     for result in results:
         print(f"{result['model']} {result['layers']}: attention {100 * result['attention_share']:.0f}% of the dense step")
         for r in result["rows"]:
-            extra = (f"  step {r['step_speedup']:.2f}x  schedule {r['schedule_speedup']:.2f}x "
-                     f"(warm-up {r['warmup_steps']})  density {r['density']:.3f}" if "step_speedup" in r else "")
-            print(f"  {r['method']:<16} {r['ms']:>9.1f} ms  {r.get('backend', ''):<14}{extra}")
+            extra = (f"  step {r['step_speedup']:.2f}x ({r['step_speedup_vs_best_dense']:.2f}x best dense)  schedule "
+                     f"{r['schedule_speedup']:.2f}x ({r['schedule_speedup_vs_best_dense']:.2f}x) warm-up "
+                     f"{r['warmup_steps']}  density {r['density']:.3f}" if "step_speedup" in r else "")
+            print(f"  {r['method']:<26} {r['ms']:>9.1f} ms  {r.get('backend', ''):<14}{extra}")
 
 
 if __name__ == "__main__":

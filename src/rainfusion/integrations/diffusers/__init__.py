@@ -6,7 +6,7 @@ import torch
 
 from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .geometry import GEOMETRIES, geometry_of
-from .hooks import RainFusionController
+from .hooks import AttentionSite, RainFusionController
 
 
 def _transformers_of(model_or_pipeline: object) -> tuple[list[torch.nn.Module], object | None]:
@@ -41,7 +41,7 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
         raise TypeError(f"config must be a RainFusionConfig or RainFusion2Config, got {type(config).__name__}")
     transformers, scheduler = _transformers_of(model_or_pipeline)
     geometries = [geometry_of(transformer) for transformer in transformers]
-    from ._model_hooks import SelfAttentionHook, TransformerHook, check_backend, register, registered
+    from ._model_hooks import TransformerHook, attach, check_backend, register, registered
 
     if any(registered(transformer) is not None for transformer in transformers):
         raise ValueError("rainfusion is already applied to this transformer; call remove_rainfusion first")
@@ -57,7 +57,8 @@ def apply_rainfusion(model_or_pipeline: object, config: AnyConfig, *, num_steps:
     for transformer, geometry, layers in zip(transformers, geometries, modules):
         register(transformer, TransformerHook(controller, geometry))
         for layer, module in enumerate(layers):
-            register(module, SelfAttentionHook(controller, first_layer + layer, dense=layer in skip_layers))
+            site = AttentionSite(controller, first_layer + layer, dense=layer in skip_layers)
+            attach(module, site)
         first_layer += len(layers)
     return controller
 

@@ -1,11 +1,19 @@
-"""The two diffusers ``ModelHook``s that carry rainfusion (imported with diffusers, on apply).
+"""The hooks that carry rainfusion (imported with diffusers, on apply).
 
-``TransformerHook`` on the transformer reads each forward's layout and timestep before it runs;
-``SelfAttentionHook`` on each self-attention module runs the module's own forward (its processor
-untouched) with the interception of ``F.scaled_dot_product_attention`` active.
+``TransformerHook``, a diffusers ``ModelHook`` on the transformer, reads each forward's layout
+and step before it runs and runs the forward with the interception of
+``F.scaled_dot_product_attention`` active. Each managed self-attention module gets a torch
+forward pre-hook and forward hook that mark it as the layer running (its processor untouched).
+Why torch's module hooks there rather than diffusers' registry: the registry replaces a module's
+``forward`` by a ``functools.partial``, which Dynamo guards by identity, so with one on every
+attention module ``compile_repeated_blocks()`` would compile each block anew (and stop with
+"recompile limit exceeded" after 8 under ``fullgraph=True``, as it does for any diffusers hook on a
+block's submodule); module hooks are guarded by structure, and one graph serves every block.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -14,7 +22,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 from ..._logging import log_once
 from .geometry import LayoutUnknown, ModelGeometry, forward_arguments
-from .hooks import RainFusionController, _AttentionInterceptor
+from .hooks import AttentionSite, RainFusionController
 
 HOOK_NAME = "rainfusion"
 # diffusers' attention backends that call torch's scaled_dot_product_attention: the calls
@@ -75,7 +83,7 @@ class TransformerHook(ModelHook):
     """Before each transformer forward: its layout (None, so dense, when its tokens are not a grid
     rainfusion maps) and the step, from the pipeline's cache context (``cache_context(name,
     step_index=..., num_inference_steps=...)``, no host read) when it gives one, else from the
-    forward's timestep."""
+    forward's timestep. The forward runs with the controller's interceptor active."""
 
     _is_stateful = True
 
@@ -84,7 +92,20 @@ class TransformerHook(ModelHook):
         self.controller, self.geometry = controller, geometry
         self.state_manager = StateManager(_NoState)
 
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.transformer = module
+        return module
+
+    @torch.compiler.disable  # host-side bookkeeping: under torch.compile one graph break, no guard on the step
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if module is not self.transformer:
+            # diffusers' registry chains hooks in closures that copy.deepcopy shares: a copy's
+            # forward would run the original's modules (the original's weights, its state)
+            raise ValueError(
+                "this transformer is a copy.deepcopy of one rainfusion was applied to, and diffusers' hooks do not "
+                "survive deepcopy (the copy's forward would run the original model); call remove_rainfusion(copy) "
+                "and apply_rainfusion(copy, config), or copy the model before applying rainfusion"
+            )
         arguments = forward_arguments(module, args, kwargs)
         try:
             layout = self.geometry.layout(module, arguments)
@@ -97,43 +118,62 @@ class TransformerHook(ModelHook):
                                                   context.name)
         else:
             self.controller.begin_forward(layout, _timestep(arguments))
+        self.controller.interceptor.site = None
         return args, kwargs
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        with self.controller.interceptor:
+            return self.fn_ref.original_forward(*args, **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
 
 
-class SelfAttentionHook(ModelHook):
-    """Runs one self-attention module's forward with its SDPA call routed to rainfusion; ``layer``
-    numbers it across the controller's transformers, ``dense`` keeps it dense (skip_layers)."""
-
-    def __init__(self, controller: RainFusionController, layer: int, dense: bool):
-        super().__init__()
-        self.controller, self.layer, self.dense = controller, layer, dense
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        check_backend(module, self.layer)
-        interceptor = _AttentionInterceptor(self.controller, self.layer, self.dense)
-        with interceptor:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if interceptor.calls == 0 and not self.dense and self.controller.layout is not None:
-            log_once(f"rainfusion: self-attention layer {self.layer} made no scaled_dot_product_attention call "
-                     f"(its processor {type(module.processor).__name__} computes attention another way): it ran dense")
-        return output
+def _enter_layer(site: AttentionSite, module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a managed self-attention module: check its backend, mark it running."""
+    check_backend(module, site.layer)
+    site.called = False
+    site.controller.interceptor.site = site
 
 
-def register(module: torch.nn.Module, hook: ModelHook) -> None:
-    """Add ``hook`` to ``module``'s diffusers hook registry under rainfusion's name."""
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+def _leave_layer(site: AttentionSite, module: torch.nn.Module, args: tuple, output: object) -> None:
+    """Forward hook of a managed self-attention module: unmark it; say if it made no SDPA call."""
+    site.controller.interceptor.site = None
+    if not site.called:
+        _said_no_call(module, site)
 
 
-def registered(module: torch.nn.Module) -> ModelHook | None:
-    """The rainfusion hook of ``module``, or None."""
-    registry = getattr(module, "_diffusers_hook", None)
+@torch.compiler.disable
+def _said_no_call(module: torch.nn.Module, site: AttentionSite) -> None:
+    """Log once that a sparse-eligible layer's forward made no SDPA call (it ran dense)."""
+    if not site.dense and site.controller.layout is not None:
+        log_once(f"rainfusion: self-attention layer {site.layer} made no scaled_dot_product_attention call "
+                 f"(its processor {type(module.processor).__name__} computes attention another way): it ran dense")
+
+
+def register(transformer: torch.nn.Module, hook: TransformerHook) -> None:
+    """Add ``hook`` to the transformer's diffusers hook registry under rainfusion's name."""
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+
+
+def attach(module: torch.nn.Module, site: AttentionSite) -> None:
+    """Mark ``module`` (a self-attention module) as ``site`` while its forward runs."""
+    module.register_forward_pre_hook(functools.partial(_enter_layer, site))
+    module.register_forward_hook(functools.partial(_leave_layer, site))
+
+
+def registered(transformer: torch.nn.Module) -> TransformerHook | None:
+    """The rainfusion hook of ``transformer``, or None."""
+    registry = getattr(transformer, "_diffusers_hook", None)
     return None if registry is None else registry.get_hook(HOOK_NAME)
 
 
 def unregister(transformer: torch.nn.Module) -> None:
-    """Remove the rainfusion hooks of ``transformer`` and of its submodules (the registry recurses)."""
+    """Remove rainfusion's hooks from ``transformer`` and its modules (a deep copy's too: ours are
+    found by their function, in torch's hook dicts, not by handles kept from the original)."""
     transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=True)
+    for module in transformer.modules():
+        for hooks, ours in ((module._forward_pre_hooks, _enter_layer), (module._forward_hooks, _leave_layer)):
+            for key in [key for key, hook in hooks.items() if getattr(hook, "func", None) is ours]:
+                del hooks[key]

@@ -1,11 +1,14 @@
 """Instance-scoped state and the interception: the controller (layout, step, CFG pass, per-layer
-states, history) and the ``TorchFunctionMode`` that sends a self-attention module's
-``F.scaled_dot_product_attention`` call to ``sparse_attention``. diffusers' hooks
-(``_model_hooks``) feed the controller and activate the mode; no class, module or processor is
+states, history), one ``AttentionSite`` per managed self-attention layer, and the
+``TorchFunctionMode`` that sends the ``F.scaled_dot_product_attention`` call of the layer running
+now to ``sparse_attention``. The hooks (``_model_hooks``) feed the controller, activate the mode
+for the transformer's forward and mark which layer runs; no class, module or processor is
 replaced."""
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +46,10 @@ class RainFusionController:
     _context_step: int | None = None
     _passes: dict[str, int] = field(default_factory=dict)  # CFG pass of each cache-context name in the step
     _padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    interceptor: _AttentionInterceptor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.interceptor = _AttentionInterceptor()
 
     def begin_forward(self, layout: VideoLayout | None, timestep: float) -> None:
         """Called before each transformer forward: a new timestep is a new step, a higher one
@@ -102,30 +109,38 @@ class RainFusionController:
         return state
 
 
-class _AttentionInterceptor(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` to rainfusion for one self-attention layer."""
+class AttentionSite:
+    """One managed self-attention layer: its controller, its index across the controller's
+    transformers, whether it stays dense (skip_layers), and ``index``, a CPU int64 scalar naming
+    it in the site registry. Under torch.compile the layer's attention is the opaque op
+    ``rainfusion::diffusers_self_attention`` with ``index`` as a graph input (data, not a
+    constant: one graph serves every layer and every step). A copy (``copy.deepcopy`` of the
+    model) is a new site. ``called``: whether the layer's last forward made an SDPA call."""
 
     def __init__(self, controller: RainFusionController, layer: int, dense: bool):
-        super().__init__()
         self.controller, self.layer, self.dense = controller, layer, dense
-        self.calls = 0  # SDPA calls received while active
+        self.called = False
+        self._register()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        self.calls += 1
-        return self._attention(*args, **kwargs)
+    def _register(self) -> None:
+        number = next(_SITE_NUMBERS)
+        _SITES[number] = self
+        self.index = torch.tensor(number, dtype=torch.int64)
 
-    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False):
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attn_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        """The layer's attention for a plain SDPA call (no dropout, causality or GQA; ``attn_mask``
+        None or a boolean trailing-text key padding): sparse, or dense on warm-up steps, for
+        skip_layers and for forwards rainfusion cannot map; a general mask runs SDPA."""
         c = self.controller
         kv_valid_len = None if attn_mask is None else c.key_padding(attn_mask, key)
-        plain = (attn_mask is None or kv_valid_len is not None) and not is_causal and dropout_p == 0 and not enable_gqa
-        if not plain:
-            log_once("rainfusion: an attention call with a general mask, causality or dropout runs dense (SDPA)")
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if attn_mask is not None and kv_valid_len is None:
+            log_once("rainfusion: an attention call with a general mask runs dense (SDPA)")
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
         if (c.layout is None or self.dense or query.shape[2] != c.layout.num_tokens
                 or key.shape[2] != c.layout.num_tokens):
             return dense_attention(query, key, value, check_scale(scale, query.shape[-1]), kv_valid_len)[0]
@@ -134,3 +149,66 @@ class _AttentionInterceptor(TorchFunctionMode):
                                kv_valid_len=kv_valid_len)
         c.history.append((c.step, c.call_in_step, self.layer, state.stats))
         return out
+
+
+_SITES: weakref.WeakValueDictionary[int, AttentionSite] = weakref.WeakValueDictionary()
+_SITE_NUMBERS = itertools.count()
+
+
+def _output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An empty SDPA output [B, H, Nq, Dv] laid out as the query (as SDPA lays it out)."""
+    shape = (*query.shape[:-1], value.shape[-1])
+    return torch.empty_like(query) if shape == tuple(query.shape) else query.new_empty(shape)
+
+
+@torch.library.custom_op("rainfusion::diffusers_self_attention", mutates_args=())
+def _site_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                    site: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``AttentionSite.attention`` of the site numbered ``site``, the output in the query's
+    layout (what the compiled graph was traced with)."""
+    out = _SITES[int(site)].attention(query, key, value, attn_mask, scale)
+    want = _output_like(query, value)
+    if out.stride() == want.stride():
+        return out
+    return want.copy_(out)
+
+
+@_site_attention.register_fake
+def _(query, key, value, attn_mask, site, scale):
+    return _output_like(query, value)
+
+
+class _AttentionInterceptor(TorchFunctionMode):
+    """Active during a transformer's forward: routes ``F.scaled_dot_product_attention`` calls made
+    while a managed self-attention layer runs (``site``, set by the layer's hooks) to that layer,
+    through ``site.attention`` when eager (differentiable on the portable backend) or the opaque
+    op when Dynamo traces it; every other call (cross-attention, text refiners) passes through.
+    Calls with dropout, causality or GQA run SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.site: AttentionSite | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.site is not None:
+            self.site.called = True
+            return _route(self.site, *args, **kwargs)
+        if func is torch.Tensor.unflatten and torch.compiler.is_compiling():
+            # Dynamo cannot trace Tensor.unflatten's super() call from inside a mode (Wan's
+            # processors use it); torch.unflatten is the same operation
+            func = torch.unflatten
+        return func(*args, **kwargs)
+
+
+
+def _route(site: AttentionSite, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False):
+    """One SDPA call of ``site``'s layer (SDPA's arguments): to rainfusion, or SDPA itself."""
+    if is_causal or dropout_p != 0 or enable_gqa:
+        log_once("rainfusion: an attention call with causality, dropout or GQA runs dense (SDPA)")
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():
+        return torch.ops.rainfusion.diffusers_self_attention(query, key, value, attn_mask, site.index, scale)
+    return site.attention(query, key, value, attn_mask, scale)
