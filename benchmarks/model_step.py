@@ -143,6 +143,7 @@ def bench_model(name: str, layers: int | None) -> dict:
         with sdpa_kernel(backend):
             r["ms"] = time_ms(call, **timing)
         hooks.dense_attention = dense_attention
+        print(f"{name} {method}: {r['ms']:.1f} ms", flush=True)
         if skip_layers:
             r["backend"] = "+".join(sorted(used))
             remove_rainfusion(model)
@@ -188,16 +189,16 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     layers = args.layers or [None] * len(args.models)
-    results = []
+    report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  steps=STEPS, models=[])
     for name, n in zip(args.models, layers):
-        results.append(bench_model(name, n or None))
+        report["models"].append(bench_model(name, n or None))
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  steps=STEPS, models=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        if args.out:  # after each model: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+    results = report["models"]
     print(report["card"], report["date"])
     for result in results:
         print(f"{result['model']} {result['layers']}: attention {100 * result['attention_share']:.0f}% of the dense step")
