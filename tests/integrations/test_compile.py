@@ -105,3 +105,25 @@ def test_inductor_compiled_blocks_on_the_gpu_match_eager_rainfusion():
         assert float(relative_l2(compiled, eager)) < 2e-2
     assert all(not stats.dense and stats.mean_density < 1 for *_, stats in controllers[1].history)
     assert controllers[1].history[-1][-1].backend == controllers[0].history[-1][-1].backend != "portable"
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_leave_the_step_decisions_to_every_call():
+    """mode="reduce-overhead" (CUDA graphs): the op is cudagraph-unsafe, so a replay cannot skip
+    its host decisions; a generation with a dense warm-up step, then sparse ones, gives the
+    eager outputs step by step."""
+    from rainfusion import RainFusion2Config
+    from rainfusion.reference import relative_l2
+    from test_diffusers_wan import inputs, tiny_wan
+
+    latents, text = (t.cuda().bfloat16() for t in inputs(seed=4, frames=5, size=64, width=90))
+    models = [tiny_wan().cuda().bfloat16() for _ in range(2)]
+    controllers = [apply_rainfusion(model, RainFusion2Config(warmup_fraction=0.25), num_steps=4) for model in models]
+    compiled = torch.compile(models[1], mode="reduce-overhead")
+    with torch.no_grad():
+        outputs = [[model(latents, torch.tensor([t], device="cuda"), text, return_dict=False)[0].clone()
+                    for t in (900, 700, 500, 300)] for model in (models[0], compiled)]
+    for eager, compiled in zip(*outputs):
+        assert float(relative_l2(compiled, eager)) < 2e-2
+    assert [stats.dense for *_, stats in controllers[1].history] == [stats.dense for *_, stats in controllers[0].history]
+    assert {stats.dense for *_, stats in controllers[1].history} == {True, False}

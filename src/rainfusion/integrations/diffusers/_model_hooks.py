@@ -37,7 +37,8 @@ def effective_backend(module: torch.nn.Module) -> str | None:
     if not hasattr(module.processor, "_attention_backend"):
         return None
     backend = module.processor._attention_backend or _AttentionBackendRegistry._active_backend
-    return AttentionBackendName(backend).value
+    # a member or its string value (no Enum construction: torch 2.11's Dynamo cannot trace it)
+    return backend.value if isinstance(backend, AttentionBackendName) else str(backend)
 
 
 def check_backend(module: torch.nn.Module, layer: int) -> None:

@@ -161,7 +161,9 @@ def _output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(query) if shape == tuple(query.shape) else query.new_empty(shape)
 
 
-@torch.library.custom_op("rainfusion::diffusers_self_attention", mutates_args=())
+# cudagraph_unsafe: the op decides on the host at every call (warm-up, mask refresh), so Inductor
+# must keep it out of CUDA graphs (mode="reduce-overhead"), where a replay would skip those decisions
+@torch.library.custom_op("rainfusion::diffusers_self_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def _site_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                     site: torch.Tensor, scale: float | None) -> torch.Tensor:
     """``AttentionSite.attention`` of the site numbered ``site``, the output in the query's
