@@ -126,6 +126,10 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
     add("v2-end-to-end", v2_density, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config)))
     add("v2-end-to-end-triton", v2_density,
         time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config, backend="triton")))
+    for label, variant in (("compensated", RainFusion2Config(compensate=True)),
+                           ("adaptive", RainFusion2Config(selection="adaptive"))):
+        add(f"v2-end-to-end-{label}", v2_density,
+            time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=variant)))
     v1 = RainFusionConfig()
     add("v1-arm", 0.5, time_ms(lambda: recognise_heads(q, k, layout, v1, scale=scale)))
     add("v1-end-to-end", 0.5, time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=v1)))

@@ -12,7 +12,8 @@ import time
 import torch
 
 from ._validation import check_kv_valid_len, check_qkv, check_scale
-from .backends import dense_attention, gather_tokens, needs_grad, resolve_backend, run_block_sparse
+from .backends import block_means, dense_attention, gather_tokens, needs_grad, resolve_backend, run_block_sparse
+from .compensation import merge_with_estimate, skipped_block_estimate
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .layout import VideoLayout
 from .mask import BlockSparseMask, check_block_mask
@@ -51,6 +52,17 @@ def _timed(fn, profile: bool, device: torch.device):
     if sync:
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - started
+
+
+def _compensated(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockSparseMask,
+                 scale: float, kv_valid_len: torch.Tensor | None) -> torch.Tensor:
+    """Block-sparse attention over the kept blocks, exact, merged with the estimate of the skipped
+    ones from the permuted key and value block means (``compensation``). Skipped blocks hold no
+    padding (the text, where padding lives, is always kept)."""
+    exact, lse = run_block_sparse(name, query, key, value, mask, scale, kv_valid_len, return_lse=True)
+    k_mean, v_mean = (block_means(t, mask.block_size) for t in (key, value))
+    estimate, estimate_lse = skipped_block_estimate(query, k_mean, v_mean, mask, scale)
+    return merge_with_estimate(exact, lse, estimate, estimate_lse).to(query.dtype)
 
 
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: VideoLayout,
@@ -108,9 +120,14 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     plan = cache.plan
     permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
     # trailing text stays at the end in every token order: the padding is still a suffix
-    out = gather_tokens(run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len), plan.inverse)
+    if config.compensate:
+        permuted_out = _compensated(name, *permuted, plan.mask, scale, kv_valid_len)
+    else:
+        permuted_out = run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len)
+    out = gather_tokens(permuted_out, plan.inverse)
     if state is not None:
         state.cache = cache
+        overhead = plan.mask.kv_blocks / key.shape[2] if config.compensate else 0.0
         state.stats = AttentionStats(method, name, step, False, plan.mask.density(), plan.patterns,
-                                     predict_seconds, reuse)
+                                     predict_seconds, reuse, overhead)
     return out

@@ -151,18 +151,22 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: fl
 
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
-    kv_valid_len int32 [B] or None (not with fa4)."""
+    kv_valid_len int32 [B] or None (not with fa4); with ``return_lse`` also the natural
+    log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key)."""
     if backend == "fa4":
         from .kernels.fa4 import block_sparse_attention_fa4
 
-        return block_sparse_attention_fa4(query, key, value, mask, scale=scale)
+        return block_sparse_attention_fa4(query, key, value, mask, scale=scale, return_lse=return_lse)
     if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention_triton
 
-        return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
-    return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len)
+        return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
+                                             return_lse=return_lse)
+    return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
+                                           return_lse=return_lse)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

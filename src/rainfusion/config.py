@@ -11,7 +11,7 @@ from ._validation import check_int
 from .mask import check_block_size
 
 Permutation = Literal["window3d", "tile2d", "none"]
-Selection = Literal["topk", "topp"]
+Selection = Literal["topk", "topp", "adaptive"]
 # v1's head patterns: the values of ``AttentionStats.patterns`` and of the ARM's verdicts
 SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
 PATTERN_NAMES = ("spatial", "temporal", "textural")
@@ -33,6 +33,8 @@ def _check_common(config: "RainFusionConfig | RainFusion2Config") -> None:
     check_int("refresh_interval", config.refresh_interval, 1)
     if not isinstance(config.sink_first_frame, bool):
         raise TypeError(f"sink_first_frame must be a bool, got {type(config.sink_first_frame).__name__}")
+    if not isinstance(config.compensate, bool):
+        raise TypeError(f"compensate must be a bool, got {type(config.compensate).__name__}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class RainFusionConfig:
     refresh_interval: re-run the ARM every this many sparse steps (patterns cached in between).
     textural: heads that are neither spatially nor temporally local keep the 1/tau checkerboard
         subset of keys; with False (an ablation) they take whichever band has the higher recall.
+    compensate: add the skipped key blocks back as an estimate from their block means, merged
+        exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
     """
 
     sparsity: float = 0.5
@@ -65,6 +69,7 @@ class RainFusionConfig:
     sink_first_frame: bool = True
     refresh_interval: int = 1
     textural: bool = True
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -107,12 +112,18 @@ class RainFusion2Config:
     permutation: "window3d" (2x8x8 spatiotemporal windows), "tile2d" (8x8 tiles per frame) or
         "none" (raster order) applied to the video tokens so that a block is a compact region.
     selection: "topk" keeps the top-N blocks; "topp" keeps the fewest blocks whose pooled
-        probability reaches ``top_p``, never more than top-N.
+        probability reaches ``top_p``, never more than top-N; "adaptive" spends the same budget
+        unevenly across heads: the blocks kept are those of the highest pooled probability over
+        all heads and query blocks of a batch item, as many as top-N keeps on average, each
+        (head, query block) keeping between ``adaptive_range`` times N (a concentrated head
+        keeps its few likely blocks, a diffuse head more).
     force_diagonal: each query block always visits its own key block.
     forced_in_budget: the forced blocks count inside the top-N budget, so the realized density
         of the sparse rows follows 1 - sparsity (at 720p the sink alone is ~5% of the key
         blocks); by default they come on top, which keeps N blocks for the video content even
         where the forced blocks are many (small sizes).
+    compensate: add the skipped key blocks back as an estimate from their block means, merged
+        exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
     """
 
     sparsity: float = 0.8
@@ -125,17 +136,24 @@ class RainFusion2Config:
     warmup_fraction: float = 0.3
     sink_first_frame: bool = True
     refresh_interval: int = 1
+    compensate: bool = False
+    adaptive_range: tuple[float, float] = (0.5, 2.0)
 
     def __post_init__(self) -> None:
         _check_common(self)
+        if (not isinstance(self.adaptive_range, tuple) or len(self.adaptive_range) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.adaptive_range)
+                or not 0 <= self.adaptive_range[0] <= 1 <= self.adaptive_range[1]):
+            raise ValueError(f"adaptive_range must be (floor, ceiling) with 0 <= floor <= 1 <= ceiling, got "
+                             f"{self.adaptive_range!r}")
         if self.permutation not in ("window3d", "tile2d", "none"):
             raise ValueError(
                 f"permutation must be 'window3d', 'tile2d' or 'none', got {self.permutation!r}"
             )
         if not isinstance(self.forced_in_budget, bool):
             raise TypeError(f"forced_in_budget must be a bool, got {type(self.forced_in_budget).__name__}")
-        if self.selection not in ("topk", "topp"):
-            raise ValueError(f"selection must be 'topk' or 'topp', got {self.selection!r}")
+        if self.selection not in ("topk", "topp", "adaptive"):
+            raise ValueError(f"selection must be 'topk', 'topp' or 'adaptive', got {self.selection!r}")
         _check_fraction("top_p", self.top_p, low=0.0, high=1.0, high_open=False)
 
     @classmethod
@@ -163,6 +181,9 @@ METHODS: dict[str, tuple[type, dict]] = {
     "rainfusion2-topp": (RainFusion2Config, {"selection": "topp"}),
     "rainfusion2-no-sink": (RainFusion2Config, {"sink_first_frame": False}),
     "rainfusion2-in-budget": (RainFusion2Config, {"forced_in_budget": True}),
+    "rainfusion2-compensated": (RainFusion2Config, {"compensate": True}),
+    "rainfusion2-adaptive": (RainFusion2Config, {"selection": "adaptive"}),
+    "rainfusion2-adaptive-compensated": (RainFusion2Config, {"selection": "adaptive", "compensate": True}),
 }
 
 

@@ -18,10 +18,12 @@ from .mask import BlockSparseMask
 
 
 def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                    mask: BlockSparseMask, *, scale: float,
-                                    kv_valid_len: torch.Tensor | None = None) -> torch.Tensor:
+                                    mask: BlockSparseMask, *, scale: float, kv_valid_len: torch.Tensor | None = None,
+                                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D], mask for (B, H) -> [B, H, Nq, D]; keys at
-    positions >= ``kv_valid_len[b]`` (int [B]) are ignored; rows that see no key give 0.
+    positions >= ``kv_valid_len[b]`` (int [B]) are ignored; rows that see no key give 0. With
+    ``return_lse`` also the natural log-sum-exp of the scaled scores over the visited keys, float32
+    (float64 for float64 inputs) [B, H, Nq] (-inf for rows that see no key; the scores are then formed explicitly, not by SDPA).
 
     Reads ``mask.counts`` on the host once to sort the rows into full / sparse / mixed.
     """
@@ -43,6 +45,7 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
     any_full = full.any(0).any(0).tolist()
     slot = torch.arange(mask.indices.shape[-1], device=query.device)
     out = torch.empty(b, h, n_q, d, dtype=compute, device=query.device)
+    lse = torch.empty(b, h, n_q, dtype=compute, device=query.device) if return_lse else None
     dense_rows = None
 
     for row in range(mask.q_blocks):
@@ -53,20 +56,26 @@ def block_sparse_attention_portable(query: torch.Tensor, key: torch.Tensor, valu
                 if dense_rows is None:
                     dense_rows = mask.to_dense()
                 allowed = dense_rows[:, :, row].repeat_interleave(bs, -1)[..., None, :n_k] & allowed
-            out[:, :, rows] = _attend(q[:, :, rows], k, v, allowed, scale)
+            _attend(q[:, :, rows], k, v, allowed, scale, out[:, :, rows], None if lse is None else lse[:, :, rows])
             continue
         listed = slot < counts[:, :, row, None]  # [B, H, W]
         blocks = torch.where(listed, mask.indices[:, :, row].long(), 0)
         gather = blocks[..., None, None].expand(-1, -1, -1, bs, d)
         k_sel, v_sel = (torch.gather(t, 2, gather).flatten(2, 3) for t in padded)  # [B, H, W*bs, D]
         allowed = (listed[..., None] & block_valid[item, blocks]).flatten(2)[:, :, None, :]
-        out[:, :, rows] = _attend(q[:, :, rows], k_sel, v_sel, allowed, scale)
-    return out.to(query.dtype)
+        _attend(q[:, :, rows], k_sel, v_sel, allowed, scale, out[:, :, rows], None if lse is None else lse[:, :, rows])
+    return (out.to(query.dtype), lse) if return_lse else out.to(query.dtype)
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """Fused SDPA restricted to ``allowed`` (bool, broadcast to [B, H, 1, Nk]); a row with no
-    allowed key gives 0 (SDPA's softmax would give NaN there)."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
-    return torch.where(allowed.any(-1, keepdim=True), out, 0.0)
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float,
+            out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Attention restricted to ``allowed`` (bool, broadcast to [B, H, 1, Nk]) written into
+    ``out`` (and its log-sum-exp into ``lse`` when given); a row with no allowed key gives 0 (SDPA's
+    softmax would give NaN there). Fused SDPA unless the log-sum-exp is wanted."""
+    if lse is None:
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
+        out.copy_(torch.where(allowed.any(-1, keepdim=True), attended, 0.0))
+        return
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse.copy_(torch.logsumexp(scores, dim=-1))
+    out.copy_(torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ value)

@@ -21,17 +21,18 @@ from .permutation import dense_block_range
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D]; a tail block averages its real
-    tokens, and a non-finite element counts as 0 (``backends.block_means`` runs the same on a
-    Triton kernel on CUDA)."""
+    """x [B, H, N, D] -> float32 (float64 for float64 x) [B, H, ceil(N / block_size), D]; a tail
+    block averages its real tokens, and a non-finite element counts as 0 (``backends.block_means``
+    runs the same on a Triton kernel on CUDA)."""
     x = x.nan_to_num(0.0, posinf=0.0, neginf=0.0)
     n = x.shape[2]
     whole = n // block_size
-    # sum with an fp32 accumulator straight from the (finite) input: no fp32 copy of x
-    sums = x[:, :, : whole * block_size].unflatten(2, (whole, block_size)).sum(3, dtype=torch.float32)
-    sizes = torch.full((whole,), float(block_size), device=x.device)
+    # sum with an fp32 (fp64) accumulator straight from the (finite) input: no copy of x
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    sums = x[:, :, : whole * block_size].unflatten(2, (whole, block_size)).sum(3, dtype=accumulate)
+    sizes = torch.full((whole,), float(block_size), dtype=accumulate, device=x.device)
     if whole * block_size < n:
-        tail = x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=torch.float32)
+        tail = x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=accumulate)
         sums = torch.cat([sums, tail], dim=2)
         sizes = torch.cat([sizes, sizes.new_full((1,), n - whole * block_size)])
     return sums / sizes[:, None]
@@ -73,10 +74,14 @@ def predict_from_means(q_mean: torch.Tensor, k_mean: torch.Tensor, *, seq_len: i
     # probabilities are <= 1, so +2 ranks every forced block first; a full sort is faster than
     # topk for widths this large on GPUs (0.75 vs 1.19 ms at hunyuan-720p on an H100)
     rank_score, ranked = torch.sort(probs + 2.0 * forced, dim=-1, descending=True)
+    if config.selection == "adaptive":
+        budget = keep - forced_count if config.forced_in_budget else keep
+        extra, most = _adaptive_counts(rank_score[..., forced_count:], dense, budget, config.adaptive_range)
+        width, counts = forced_count + most, forced_count + extra
     rank_score, ranked = rank_score[..., :width], ranked[..., :width]
     if config.selection == "topk":
         counts = torch.full(ranked.shape[:-1], width, device=device)
-    else:
+    elif config.selection == "topp":
         mass = torch.cumsum(rank_score - 2.0 * (rank_score > 1.0), dim=-1)
         reach = (mass < config.top_p).sum(-1) + 1
         counts = reach.clamp(forced_count, width)
@@ -86,3 +91,37 @@ def predict_from_means(q_mean: torch.Tensor, k_mean: torch.Tensor, *, seq_len: i
     ranked = torch.where(slot < counts.unsqueeze(-1), ranked, blocks)
     indices = torch.sort(ranked, dim=-1).values
     return BlockSparseMask(counts.to(torch.int32), indices.to(torch.int32), n, n, bs, check=False)
+
+
+def _adaptive_counts(free_probs: torch.Tensor, dense_rows: torch.Tensor, budget: int,
+                     bounds: tuple[float, float], iterations: int = 40) -> tuple[torch.Tensor, int]:
+    """(non-forced blocks to keep per (batch, head, query block), int64 [B, H, q_blocks]; the
+    most any may keep). From the pooled probabilities of the non-forced blocks sorted in
+    descending order (float32 [B, H, q_blocks, free]): the blocks at or above one probability
+    threshold per batch item, shared by all its heads and query blocks, found by bisection on its
+    logarithm (a fixed number of steps: no host synchronisation) so that the mean count over the
+    sparse rows (``dense_rows`` bool [q_blocks] excluded) is at most ``budget``; each count within
+    ``bounds`` times the budget. The blocks kept are thus those of the highest pooled probability
+    across heads: a concentrated head keeps its few likely blocks, a diffuse one more."""
+    b, h, rows, free = free_probs.shape
+    budget = max(0, budget)
+    low_count = min(free, math.floor(budget * bounds[0]))
+    high_count = min(free, math.ceil(budget * bounds[1]))
+    if free == 0 or budget == 0:
+        return free_probs.new_zeros((b, h, rows), dtype=torch.long), 0
+    ascending = -free_probs.contiguous()  # count of p >= t = position of -t in -p (ascending)
+    sparse = (~dense_rows).expand(b, h, rows)
+    sparse_rows = sparse.sum((1, 2)).clamp_min(1)
+
+    def counts_at(log_threshold: torch.Tensor) -> torch.Tensor:  # [B]
+        target = (-log_threshold.exp()).view(b, 1, 1, 1).expand(b, h, rows, 1).contiguous()
+        return torch.searchsorted(ascending, target, right=True).squeeze(-1).clamp(low_count, high_count)
+
+    # log-probabilities of float32 softmax outputs lie above log(tiny) ~ -87.3
+    low = torch.full((b,), math.log(torch.finfo(torch.float32).tiny), device=free_probs.device)
+    high = torch.zeros(b, device=free_probs.device)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        fits = (counts_at(middle) * sparse).sum((1, 2)) / sparse_rows <= budget
+        high, low = torch.where(fits, middle, high), torch.where(fits, low, middle)
+    return counts_at(high), high_count

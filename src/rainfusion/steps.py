@@ -20,6 +20,8 @@ class AttentionStats:
     patterns: int64 [B, H] v1 head patterns (indices into ``PATTERN_NAMES``), None for v2 / dense.
     predict_seconds: host time spent predicting the mask (ARM or v2 predictor), 0 when reused;
         exact on GPUs only with ``AttentionState(profile=True)`` (which synchronises).
+    overhead: compute beyond the kept blocks as a fraction of dense attention (skipped-block
+        compensation: kv_blocks / N).
     """
 
     method: str
@@ -30,6 +32,7 @@ class AttentionStats:
     patterns: torch.Tensor | None = None
     predict_seconds: float = 0.0
     mask_reused: bool = False
+    overhead: float = 0.0
 
     @property
     def pattern_counts(self) -> dict[str, int]:

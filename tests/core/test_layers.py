@@ -11,7 +11,7 @@ PACKAGE = Path(rainfusion.__file__).parent
 LAYERS = [
     ("_logging", "_validation"),                                   # no rainfusion imports
     ("layout", "config", "mask"),                                  # what the method is about
-    ("permutation", "head_patterns", "arm", "predictor"),          # the algorithms, plain torch
+    ("permutation", "head_patterns", "arm", "predictor", "compensation"),  # the algorithms, plain torch
     ("kernels", "portable", "reference"),                          # implementations, oracles
     ("backends",),                                                 # the one importer of kernels
     ("methods", "steps"),                                          # per-method plans, state

@@ -37,8 +37,9 @@ def dense_attention_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def block_sparse_attention_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockSparseMask,
-                               *, scale: float) -> torch.Tensor:
-    """FA4 block-sparse forward over the blocks of ``mask``; tensors [B, H, N, D] -> [B, H, N, D]."""
+                               *, scale: float, return_lse: bool = False):
+    """FA4 block-sparse forward over the blocks of ``mask``; tensors [B, H, N, D] -> [B, H, N, D]
+    and, with ``return_lse``, the natural log-sum-exp of the scaled scores, float32 [B, H, N]."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from flash_attn.cute.interface import flash_attn_func
 
@@ -50,6 +51,7 @@ def block_sparse_attention_fa4(query: torch.Tensor, key: torch.Tensor, value: to
         full_block_idx=mask.full_indices(),
         block_size=(mask.block_size, mask.block_size),
     )
-    out = flash_attn_func(*(t.transpose(1, 2) for t in (query, key, value)), softmax_scale=scale,
-                          block_sparse_tensors=tensors)
-    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    result = flash_attn_func(*(t.transpose(1, 2) for t in (query, key, value)), softmax_scale=scale,
+                             block_sparse_tensors=tensors, return_lse=return_lse)
+    out = (result[0] if isinstance(result, tuple) else result).transpose(1, 2)
+    return (out, result[1]) if return_lse else out

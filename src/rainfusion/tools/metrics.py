@@ -76,13 +76,15 @@ class DensitySummary:
     mean_density: float = 1.0  # over all intercepted attention calls (dense warm-up counts as 1)
     sparse_density: float | None = None  # over the calls that ran sparse
     patterns: dict[str, int] = field(default_factory=dict)
+    overhead: float = 0.0  # mean over all calls of AttentionStats.overhead (fraction of dense attention)
 
 
 def summarize_history(history: list) -> DensitySummary:
-    densities, sparse, patterns = [], [], {}
+    densities, sparse, patterns, overhead = [], [], {}, 0.0
     for _step, _cfg, _layer, stats in history:
         density = stats.mean_density
         densities.append(density)
+        overhead += stats.overhead
         if not stats.dense:
             sparse.append(density)
         for name, count in stats.pattern_counts.items():
@@ -90,4 +92,4 @@ def summarize_history(history: list) -> DensitySummary:
     if not densities:
         return DensitySummary()
     return DensitySummary(len(densities), len(sparse), sum(densities) / len(densities),
-                          sum(sparse) / len(sparse) if sparse else None, patterns)
+                          sum(sparse) / len(sparse) if sparse else None, patterns, overhead / len(densities))

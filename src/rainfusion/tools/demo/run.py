@@ -96,7 +96,8 @@ def run_demo(checkpoint: str | Path, *, variant_list: list[Variant], clips: int 
             variant=variant.name, seconds=round(seconds, 3),
             psnr=sum(min(psnr(f, r), 99.0) for f, r in zip(frames, reference)) / clips,
             ssim=sum(ssim(f, r) for f, r in zip(frames, reference)) / clips, cosine=float(cosine),
-            density=summary.mean_density, sparse_density=summary.sparse_density, patterns=summary.patterns))
+            density=summary.mean_density, sparse_density=summary.sparse_density, overhead=summary.overhead,
+            patterns=summary.patterns))
         log(format_row(rows[-1]))
     report = dict(spec=vars(model.spec), clips=clips, seed=seed, steps=steps, device=device,
                   captions=[caption_text(c) for c in captions.cpu()], rows=rows)
