@@ -94,7 +94,7 @@ def predict_from_means(q_mean: torch.Tensor, k_mean: torch.Tensor, *, seq_len: i
 
 
 def _adaptive_counts(free_probs: torch.Tensor, dense_rows: torch.Tensor, budget: int,
-                     bounds: tuple[float, float], iterations: int = 40) -> tuple[torch.Tensor, int]:
+                     bounds: tuple[float, float], iterations: int = 24) -> tuple[torch.Tensor, int]:
     """(non-forced blocks to keep per (batch, head, query block), int64 [B, H, q_blocks]; the
     most any may keep). From the pooled probabilities of the non-forced blocks sorted in
     descending order (float32 [B, H, q_blocks, free]): the blocks at or above one probability
