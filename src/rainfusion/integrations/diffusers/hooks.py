@@ -163,7 +163,11 @@ def _output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 # cudagraph_unsafe: the op decides on the host at every call (warm-up, mask refresh), so Inductor
 # must keep it out of CUDA graphs (mode="reduce-overhead"), where a replay would skip those decisions
-@torch.library.custom_op("rainfusion::diffusers_self_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+# (older torch releases lack the tag; there, do not combine rainfusion with reduce-overhead)
+_OP_TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+@torch.library.custom_op("rainfusion::diffusers_self_attention", mutates_args=(), **_OP_TAGS)
 def _site_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                     site: torch.Tensor, scale: float | None) -> torch.Tensor:
     """``AttentionSite.attention`` of the site numbered ``site``, the output in the query's
