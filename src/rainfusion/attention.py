@@ -12,8 +12,8 @@ import time
 import torch
 
 from ._validation import check_kv_valid_len, check_qkv, check_scale
-from .backends import block_means, dense_attention, gather_tokens, needs_grad, resolve_backend, run_block_sparse
-from .compensation import merge_with_estimate, skipped_block_estimate
+from .backends import (compensate_skipped, dense_attention, gather_tokens, needs_grad, resolve_backend,
+                       run_block_sparse)
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .layout import VideoLayout
 from .mask import BlockSparseMask, check_block_mask
@@ -60,9 +60,7 @@ def _compensated(name: str, query: torch.Tensor, key: torch.Tensor, value: torch
     ones from the permuted key and value block means (``compensation``). Skipped blocks hold no
     padding (the text, where padding lives, is always kept)."""
     exact, lse = run_block_sparse(name, query, key, value, mask, scale, kv_valid_len, return_lse=True)
-    k_mean, v_mean = (block_means(t, mask.block_size) for t in (key, value))
-    estimate, estimate_lse = skipped_block_estimate(query, k_mean, v_mean, mask, scale)
-    return merge_with_estimate(exact, lse, estimate, estimate_lse).to(query.dtype)
+    return compensate_skipped(query, key, value, mask, exact, lse, scale)
 
 
 def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: VideoLayout,

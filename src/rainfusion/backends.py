@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._logging import log_once
 from .mask import BlockSparseMask, key_padding_mask
+from .compensation import merge_with_estimate, skipped_block_estimate
 from .portable import block_sparse_attention_portable
 from .predictor import block_means as block_means_torch
 
@@ -194,3 +195,20 @@ def block_means(x: torch.Tensor, block_size: int, index: torch.Tensor | None = N
 
         return block_means_triton(x, block_size, index)
     return block_means_torch(x if index is None else x.index_select(2, index), block_size)
+
+
+def compensate_skipped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockSparseMask,
+                       exact: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """The block-sparse output ``exact`` [B, H, N, D] (with its natural log-sum-exp ``lse``
+    [B, H, N]) merged with the estimate of the blocks ``mask`` skips from the block means of
+    key and value (``compensation``), in query's dtype. On CUDA one fused Triton kernel (no
+    N x kv_blocks scores in memory); elsewhere, and where autograd needs it, PyTorch."""
+    k_mean, v_mean = (block_means(t, mask.block_size) for t in (key, value))
+    if (query.is_cuda and triton_available() and not needs_grad(query, key, value)
+            and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] == value.shape[-1]):
+        from .kernels.skipped_blocks import compensate_triton
+
+        return compensate_triton(query, k_mean, v_mean, mask.to_dense(), exact, lse.float(), mask.block_size,
+                                 key.shape[2], scale)
+    estimate, estimate_lse = skipped_block_estimate(query, k_mean, v_mean, mask, scale)
+    return merge_with_estimate(exact, lse, estimate, estimate_lse).to(query.dtype)
