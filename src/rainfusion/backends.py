@@ -6,8 +6,8 @@ Block-sparse attention (``resolve_backend``, ``run_block_sparse``):
   bf16/fp16, head dims 64/128, 128-token blocks): the fastest measured on an H100;
 - ``triton``: our Triton kernel (CUDA GPUs; CPU only under ``TRITON_INTERPRET=1``);
 - ``portable``: plain PyTorch, any device;
-- ``auto``: on CUDA ``fa4`` where it applies, else ``triton``, else ``portable`` (a fallback
-  from the fastest kernel is logged once); ``portable`` elsewhere.
+- ``auto``: on CUDA ``fa4`` where it applies and is the faster (head dim 128), else ``triton``,
+  else ``portable`` (a fallback from the fastest kernel is logged once); ``portable`` elsewhere.
 
 Gradients: ``portable`` is plain PyTorch, so autograd differentiates it (the mask is a constant); ``fa4`` and ``triton`` are forward only and refuse inputs that need a
 gradient, for which ``auto`` picks ``portable`` (logged once). Under ``torch.no_grad()`` or
@@ -34,6 +34,11 @@ from .portable import block_sparse_attention_portable
 from .predictor import block_means as block_means_torch
 
 BACKENDS = ("auto", "fa4", "triton", "portable")
+# head dims where ``auto`` prefers FA4's block-sparse call to our kernel: on an H200 (CogVideoX
+# 5B, 48 heads x 64, 17,550 tokens) our Triton kernel was 7% faster at density 0.2 (2.04 vs
+# 2.20 ms) and 12% at 0.1 (1.23 vs 1.41), even at 0.5; at 128 FA4 is (HunyuanVideo 720p at 0.2:
+# 54.2 vs 61.1 ms). Both in benchmarks/results/attention-h200-2026-12-01*.json.
+FA4_FIRST_HEAD_DIMS = (128,)
 # SDPA kernels for dense CUDA calls, fastest first (H100: cuDNN 1.6x flash at HunyuanVideo 720p);
 # SDPA's own order tries flash first
 SDPA_ON_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -90,7 +95,7 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_k
             log_once("rainfusion: the inputs require grad, and the GPU kernels are forward only: the slower "
                      "portable backend runs (use torch.no_grad() or torch.inference_mode() for inference)")
             return "portable"
-        if _fa4_applies(query, block_size) and not padded_keys:
+        if _fa4_applies(query, block_size) and not padded_keys and query.shape[-1] in FA4_FIRST_HEAD_DIMS:
             return "fa4"
         if not triton_available():
             log_once("rainfusion: Triton is not installed; using the slower portable backend on CUDA")
