@@ -50,6 +50,7 @@ def _rank(rank: int, port: int, order: str, degrees: dict, out: str) -> None:
             result = (None, None, str(error))
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # neither rank tears its gloo threads down while the other still talks
     finally:
         dist.destroy_process_group()
 
