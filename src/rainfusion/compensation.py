@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask import BlockSparseMask
+from .mask import BlockSparseMask, block_lengths
 
 # query rows per chunk are chosen so that one chunk's scores stay near this many elements
 _CHUNK_ELEMENTS = 1 << 26
@@ -29,10 +29,8 @@ def skipped_block_estimate(query: torch.Tensor, k_mean: torch.Tensor, v_mean: to
     compute = torch.promote_types(query.dtype, torch.float32)
     k_mean, v_mean = k_mean.to(compute), v_mean.to(compute)
     bs, kv_blocks, n_k = mask.block_size, mask.kv_blocks, mask.kv_len
-    sizes = torch.full((kv_blocks,), float(bs), dtype=compute, device=query.device)
-    sizes[-1] = n_k - (kv_blocks - 1) * bs
     skipped = ~mask.to_dense().expand(b, h, -1, -1)  # [B, H, q_blocks, kv_blocks]
-    bias = sizes.log()
+    bias = block_lengths(n_k, bs, dtype=compute, device=query.device).log()
     lse = torch.empty(b, h, n_q, dtype=compute, device=query.device)
     out = torch.empty(b, h, n_q, v_mean.shape[-1], dtype=compute, device=query.device)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * kv_blocks * bs)) * bs

@@ -40,6 +40,13 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def block_lengths(length: int, block_size: int, *, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """[num_blocks(length, block_size)]: the tokens in each block (block_size, the tail fewer)."""
+    starts = torch.arange(0, length, block_size, device=device)
+    return (length - starts).clamp(max=block_size).to(dtype)
+
+
 @dataclass(frozen=True)
 class BlockSparseMask:
     """Per (batch, head, query block) list of key blocks to visit; see the module docstring.

@@ -16,7 +16,7 @@ import math
 import torch
 
 from .config import RainFusion2Config
-from .mask import BlockSparseMask, num_blocks
+from .mask import BlockSparseMask, block_lengths, num_blocks
 from .permutation import dense_block_range
 
 
@@ -30,12 +30,10 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     # sum with an fp32 (fp64) accumulator straight from the (finite) input: no copy of x
     accumulate = torch.promote_types(x.dtype, torch.float32)
     sums = x[:, :, : whole * block_size].unflatten(2, (whole, block_size)).sum(3, dtype=accumulate)
-    sizes = torch.full((whole,), float(block_size), dtype=accumulate, device=x.device)
     if whole * block_size < n:
         tail = x[:, :, whole * block_size:].sum(2, keepdim=True, dtype=accumulate)
         sums = torch.cat([sums, tail], dim=2)
-        sizes = torch.cat([sizes, sizes.new_full((1,), n - whole * block_size)])
-    return sums / sizes[:, None]
+    return sums / block_lengths(n, block_size, dtype=accumulate, device=x.device)[:, None]
 
 
 def keep_count(kv_blocks: int, sparsity: float) -> int:

@@ -5,12 +5,12 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_queries", "kv_blocks"])
+@triton.jit(do_not_specialize=["num_queries", "kv_len", "kv_blocks"])
 def compensate_kernel(
-    # pointers: q [B, H, N, D]; k_mean, v_mean [B, H, KB, D] in q's dtype; log_sizes fp32 [KB]; kept uint8
+    # pointers: q [B, H, N, D]; k_mean, v_mean [B, H, KB, D] in q's dtype; kept uint8
     # [B or 1, H or 1, QB, KB] (1 = the block was computed exactly); out, lse: the exact part
     # [B, H, N, D] and fp32 [B, H, N]; merged [B, H, N, D]
-    q_ptr, k_ptr, v_ptr, log_sizes_ptr, kept_ptr, out_ptr, lse_ptr, merged_ptr,
+    q_ptr, k_ptr, v_ptr, kept_ptr, out_ptr, lse_ptr, merged_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -18,15 +18,16 @@ def compensate_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_lb, stride_lh, stride_ln,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    num_heads, num_queries, kv_blocks, scale_log2,
+    num_heads, num_queries, kv_len, kv_blocks, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_M), B * H), BLOCK_M the mask's block size (one query block per
     program; value head dim = HEAD_DIM). Online softmax in base 2 over the skipped block means,
     BLOCK_K at a time (products on the tensor cores in q's dtype; exact with IEEE, fp32), each
-    weighted by its token count (log2 bias); then out * exp(lse - total) + estimate *
-    exp(lse_estimate - total) in fp32, stored in merged's dtype."""
+    weighted by its token count (a log2 bias: BLOCK_M, fewer in the tail block of kv_len keys);
+    then out * exp(lse - total) + estimate * exp(lse_estimate - total) in fp32, stored in merged's
+    dtype."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
@@ -51,7 +52,8 @@ def compensate_kernel(
                     mask=tile_ok, other=0.0)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + blocks[:, None] * stride_vn + cols[None, :] * stride_vd,
                     mask=tile_ok, other=0.0)
-        bias = tl.load(log_sizes_ptr + blocks, mask=in_range, other=0.0) * log2e
+        tokens = tl.minimum(kv_len - blocks * BLOCK_M, BLOCK_M)
+        bias = tl.log2(tl.where(in_range, tokens, 1).to(tl.float32))
         if IEEE:  # fp32 inputs: exact products (the interpreter's tests)
             products = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:

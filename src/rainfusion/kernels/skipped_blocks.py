@@ -27,8 +27,6 @@ def compensate_triton(query: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.T
     b, h, n, d = query.shape
     kv_blocks = k_mean.shape[2]
     means = [t.to(query.dtype) for t in (k_mean, v_mean)]
-    sizes = torch.full((kv_blocks,), float(block_size), device=query.device)
-    sizes[-1] = kv_len - (kv_blocks - 1) * block_size
     flags = kept.to(torch.uint8)
     merged = torch.empty_like(query)
     strides = [*flags.stride()]
@@ -37,9 +35,9 @@ def compensate_triton(query: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.T
             strides[axis] = 0
     with on_device(query):
         _skipped_blocks.compensate_kernel[(triton.cdiv(n, block_size), b * h)](
-            query, means[0], means[1], sizes.log(), flags, out, lse, merged,
+            query, means[0], means[1], flags, out, lse, merged,
             *query.stride(), *means[0].stride(), *means[1].stride(), *strides, *out.stride(), *lse.stride(),
-            *merged.stride(), h, n, kv_blocks, scale * math.log2(math.e),
+            *merged.stride(), h, n, kv_len, kv_blocks, scale * math.log2(math.e),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_size, BLOCK_K=BLOCK_K,
             IEEE=query.dtype == torch.float32, num_warps=8 if block_size == 128 else 4,
         )

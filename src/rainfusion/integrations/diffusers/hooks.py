@@ -207,7 +207,6 @@ class _AttentionInterceptor(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-
 def _route(site: AttentionSite, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
            enable_gqa=False):
     """One SDPA call of ``site``'s layer (SDPA's arguments): to rainfusion, or SDPA itself."""
