@@ -26,7 +26,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 540 python3 benchmarks/attention.py --out "$out/attention.json" "$@" 2>&1 | grep -v Warning | tail -60
 fi
 if [ "$what" = sweep ]; then
-  (cd benchmarks && timeout 400 python3 kernel_sweep.py 2>&1 | grep -v Warning | tail -40)
+  (cd benchmarks && timeout 400 python3 kernel_sweep.py "$@" 2>&1 | grep -v Warning | tail -40)
 fi
 if [ "$what" = model ]; then
   (cd benchmarks && timeout 560 python3 model_step.py --out "$out/model_step.json" "$@" 2>&1 | grep -v Warning | tail -40)

@@ -2,9 +2,11 @@
 program, key tile, warps, stages and register cap (2 programs per SM need <= 128 registers at 8
 warps). Each setting is checked against SDPA (density 1) before it is timed; the Gluon kernel
 (Hopper's default) is off during the sweep. ``--gluon``: the Gluon kernel against the Triton
-kernel's chosen setting instead of the sweep.
+kernel's chosen setting instead of the sweep. ``--compensation``: the fused skipped-block
+compensation kernel's settings (query rows per program, block means per step, warps, stages) at hunyuan-720p and the
+parts that compensation adds to a v2 0.8 call.
 
-    python benchmarks/kernel_sweep.py [--gluon]
+    python benchmarks/kernel_sweep.py [--gluon | --compensation]
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import random_block_mask, time_ms
-from rainfusion.kernels import block_sparse
+from rainfusion import RainFusion2Config, sparse_attention
+from rainfusion.backends import block_means, gather_tokens, resolve_backend, run_block_sparse
+from rainfusion.compensation import merge_with_estimate, skipped_block_estimate
+from rainfusion.kernels import block_sparse, skipped_blocks
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton
+from rainfusion.methods import plan_attention
+from rainfusion.reference import relative_l2
+from rainfusion.tools.bench import PRESETS
 
 # head dim -> (BLOCK_Q, BLOCK_N, num_warps, num_stages, maxnreg) for 128-token mask blocks
 SETTINGS = {
@@ -31,8 +39,63 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
           (24, 119056, 128, [(128, 128, 8, 3, None), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128)])]  # hunyuan-720p
 
 
+# (query rows per program, block means per step, warps, stages)
+COMPENSATION_SETTINGS = [(128, 64, 8, 3), (128, 32, 4, 4), (128, 32, 4, 3), (128, 32, 4, 5), (128, 16, 4, 4),
+                         (128, 32, 8, 4), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4), (64, 32, 2, 4),
+                         (64, 64, 4, 4), (64, 32, 4, 3)]
+
+
+def compensation_sweep() -> None:
+    """v2 0.8 at hunyuan-720p: the compensation kernel per setting (checked against the float32
+    torch estimate), then each part compensation adds, timed alone."""
+    spec = PRESETS["hunyuan-720p"]
+    n, heads, d = spec.layout.num_tokens, spec.heads, spec.head_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    scale = d**-0.5
+    plan = plan_attention(q, k, spec.layout, RainFusion2Config(), scale)
+    pq, pk, pv = (gather_tokens(t, plan.order) for t in (q, k, v))
+    mask = plan.mask
+    backend = resolve_backend("auto", pq, mask.block_size, padded_keys=False, grad=False)
+    exact, lse = run_block_sparse(backend, pq, pk, pv, mask, scale, return_lse=True)
+    k_mean, v_mean = (block_means(t, mask.block_size) for t in (pk, pv))
+    kept = mask.to_dense()
+    reference = merge_with_estimate(exact, lse, *skipped_block_estimate(pq, k_mean, v_mean, mask, scale))
+    print(f"hunyuan-720p N={n} H={heads} D={d}, v2 0.8 realized density {float(mask.density().mean()):.3f}, "
+          f"block-sparse backend {backend}")
+
+    def fused():
+        return skipped_blocks.compensate_triton(pq, k_mean, v_mean, kept, exact, lse, mask.block_size, n, scale)
+
+    default = skipped_blocks.CONFIGS[128]
+    for setting in COMPENSATION_SETTINGS:
+        skipped_blocks.CONFIGS[128] = setting
+        try:
+            error = relative_l2(fused(), reference)
+            ms = time_ms(fused, budget_ms=600)
+        except Exception as exc:  # out of resources for this setting
+            print(f"  {setting}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
+            continue
+        print(f"  compensation kernel {setting}: {ms:.2f} ms, rel L2 vs torch estimate {error:.1e}", flush=True)
+    skipped_blocks.CONFIGS[128] = default
+    parts = {
+        "block-sparse kernel": lambda: run_block_sparse(backend, pq, pk, pv, mask, scale),
+        "block-sparse kernel + lse": lambda: run_block_sparse(backend, pq, pk, pv, mask, scale, return_lse=True),
+        "block means k, v": lambda: [block_means(t, mask.block_size) for t in (pk, pv)],
+        "mask.to_dense": mask.to_dense,
+        "compensation kernel": fused,
+        "v2 end to end": lambda: sparse_attention(q, k, v, layout=spec.layout, config=RainFusion2Config()),
+        "v2 end to end compensated": lambda: sparse_attention(q, k, v, layout=spec.layout,
+                                                              config=RainFusion2Config(compensate=True)),
+    }
+    for label, fn in parts.items():
+        print(f"  {label:<28} {time_ms(fn, budget_ms=800):8.2f} ms", flush=True)
+
+
 def main() -> None:
     print(torch.cuda.get_device_name())
+    if "--compensation" in sys.argv[1:]:
+        return compensation_sweep()
     gluon = "--gluon" in sys.argv[1:]
     shapes = [(h, n, d, [block_sparse._CONFIGS[(128, d)], "gluon"]) for h, n, d, _ in SHAPES] if gluon else SHAPES
     rows = []

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 from _helpers import DEVICE, ON_GPU, block_mask  # noqa: E402
 from rainfusion import BlockSparseMask  # noqa: E402
 from rainfusion.compensation import merge_with_estimate, skipped_block_estimate  # noqa: E402
+from rainfusion.kernels import skipped_blocks  # noqa: E402
 from rainfusion.kernels.skipped_blocks import compensate_triton  # noqa: E402
 from rainfusion.portable import block_sparse_attention_portable  # noqa: E402
 from rainfusion.predictor import block_means  # noqa: E402
@@ -19,7 +20,11 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
 @pytest.mark.parametrize("n, d, block_size, shared_heads, bnhd", [
     (300, 64, 64, False, False), (257, 128, 128, True, True), (640, 64, 128, False, True)])
-def test_fused_compensation_matches_the_float64_estimate_and_merge(n, d, block_size, shared_heads, bnhd):
+@pytest.mark.parametrize("setting", ["default", (64, 16, 4, 2)])  # 64 rows per program: half a 128 block
+def test_fused_compensation_matches_the_float64_estimate_and_merge(n, d, block_size, shared_heads, bnhd, setting,
+                                                                   monkeypatch):
+    if setting != "default":
+        monkeypatch.setitem(skipped_blocks.CONFIGS, block_size, setting)
     g = torch.Generator().manual_seed(n)
     shape = (2, n, 3, d) if bnhd else (2, 3, n, d)
     q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))

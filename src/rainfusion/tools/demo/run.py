@@ -20,7 +20,8 @@ from .flow import sample
 from .model import checkpoint_config, from_latents, load_checkpoint
 from .videos import caption_text, sample_captions
 
-EMBEDDED = Path(__file__).parent / "weights" / "demo.safetensors"
+EMBEDDED = Path(__file__).parent / "weights" / "demo.safetensors"  # 4,096 tokens (16 frames of 128 px)
+EMBEDDED_16K = EMBEDDED.with_name("demo-16k.safetensors")  # 16,384 tokens (16 frames of 256 px), fine-tuned from it
 
 
 @dataclass(frozen=True)

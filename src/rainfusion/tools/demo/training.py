@@ -7,12 +7,18 @@ noise shift existed; ``--stop-at`` repeats where the time limit cut them):
     python -m rainfusion.tools.demo.training --out stage1.safetensors --steps 6000 --stop-at 5784 --noise-shift 1
     python -m rainfusion.tools.demo.training --out demo.safetensors --init stage1.safetensors --lr 2e-4 \
         --steps 5800 --stop-at 5624 --seed 1
+
+The 16,384-token checkpoint (16 frames of 256 px) is that one fine-tuned on an H200 (115 s):
+
+    python -m rainfusion.tools.demo.training --out demo-16k.safetensors --init demo.safetensors --size 256 \
+        --batch 4 --lr 1e-4 --warmup 50 --steps 1000 --seed 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -39,7 +45,7 @@ def train(spec: VideoSpec, *, steps: int, batch: int, lr: float = 3e-4, warmup: 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # clips (drawn on the host, small)
     noise_generator = torch.Generator(device).manual_seed(seed)  # noise, drawn on the device
-    model = DemoVideoModel(spec, transformer_config)
+    model = DemoVideoModel(spec, transformer_config or (init.transformer_config if init is not None else None))
     if init is not None:
         model.load_state_dict(init.state_dict())
     model = model.to(device).train()
@@ -83,18 +89,21 @@ def main() -> None:
     parser.add_argument("--noise-shift", type=float, default=NOISE_SHIFT, help="shift of the training noise levels")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--frames", type=int, default=VideoSpec.frames)
-    parser.add_argument("--size", type=int, default=VideoSpec.size)
+    parser.add_argument("--frames", type=int, help=f"frames per clip (default: --init's, else {VideoSpec.frames})")
+    parser.add_argument("--size", type=int, help=f"clip height and width in pixels (default: --init's, else {VideoSpec.size})")
+    parser.add_argument("--warmup", type=int, default=500, help="steps of linear learning-rate warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--time-limit", type=float, default=math.inf, help="seconds of training at most")
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--init", help="checkpoint to start from (its clip size wins)")
+    parser.add_argument("--init", help="checkpoint to start from (fine-tuning at another clip size: --frames, --size)")
     parser.add_argument("--preview", help="PNG of 4 sampled clips after training")
     args = parser.parse_args()
     init = load_checkpoint(args.init) if args.init else None
-    spec = init.spec if init else VideoSpec(frames=args.frames, size=args.size)
-    model, log = train(spec, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, device=args.device,
+    spec = dataclasses.replace(init.spec if init else VideoSpec(),
+                               **{k: v for k, v in dict(frames=args.frames, size=args.size).items() if v is not None})
+    model, log = train(spec, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                       device=args.device,
                        time_limit=args.time_limit, log_every=args.log_every, init=init, noise_shift=args.noise_shift,
                        stop_at=args.stop_at)
     save_checkpoint(model, args.out)
