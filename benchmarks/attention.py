@@ -3,7 +3,8 @@
 For each preset and density: SDPA cuDNN, SDPA flash, FA4 dense (once per preset), then with one
 random 128-block mask (diagonal kept): compiled FlexAttention (its output checked against our
 kernel's on the same mask), FA4 block-sparse, our kernel (BHND and BNHD inputs; the Gluon one on
-Hopper, where the Triton one is timed too as ``triton-v3``) and ``auto``. Then RainFusion2.0 end to end at sparsity 0.8 split
+Hopper, where the Triton one is timed too as ``triton-v3``), ``auto`` and, where it runs, the FP8
+kernel (``triton-fp8``, its quantization included). Then RainFusion2.0 end to end at sparsity 0.8 split
 into permute / predict / attention / un-permute (auto backend, and end to end on Triton), the v1
 ARM and v1 end to end, and cuDNN once more for the run-to-run spread. Prints a table last and writes
 JSON (card name and date inside).
@@ -67,7 +68,7 @@ def random_block_mask(batch: int, heads: int, n: int, density: float, block_size
     return BlockSparseMask(counts, indices, n, n, block_size)
 
 
-def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[dict]:
+def bench_preset(name: str, densities: list[float], dtype: torch.dtype, with_flex: bool = True) -> list[dict]:
     from torch.nn.attention.flex_attention import flex_attention
 
     spec = PRESETS[name]
@@ -95,12 +96,13 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
     for density in densities:
         mask = random_block_mask(1, heads, n, density)
         realized = float(mask.density().mean())
-        flex_mask = mask.to_flex_block_mask()
-        # the same mask on both: FlexAttention's output against our kernel's (bf16 rounding ~3e-3)
-        agreement = relative_l2(flex(q, k, v, block_mask=flex_mask, scale=scale),
-                                block_sparse_attention(q, k, v, mask, backend="triton"))
-        add("flex", density, time_ms(lambda: flex(q, k, v, block_mask=flex_mask, scale=scale)), realized=realized,
-            rel_l2_vs_triton=agreement)
+        if with_flex:
+            flex_mask = mask.to_flex_block_mask()
+            # the same mask on both: FlexAttention's output against our kernel's (bf16 rounding ~3e-3)
+            agreement = relative_l2(flex(q, k, v, block_mask=flex_mask, scale=scale),
+                                    block_sparse_attention(q, k, v, mask, backend="triton"))
+            add("flex", density, time_ms(lambda: flex(q, k, v, block_mask=flex_mask, scale=scale)),
+                realized=realized, rel_l2_vs_triton=agreement)
         if has_fa4:
             add("fa4-sparse", density, time_ms(lambda: block_sparse_attention_fa4(*views, mask, scale=scale)),
                 realized=realized)
@@ -113,6 +115,10 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
                 time_ms(lambda: block_sparse_attention_triton(q, k, v, mask, scale=scale, kernel="triton")),
                 realized=realized)
         add("auto", density, time_ms(lambda: block_sparse_attention(q, k, v, mask)), realized=realized)
+        if block_sparse.fp8_refusal(q, mask.block_size) is None:  # FP8 (quantization included), vs our bf16
+            fp8 = lambda: block_sparse_attention(q, k, v, mask, backend="triton", precision="fp8")  # noqa: E731
+            add("triton-fp8", density, time_ms(fp8), realized=realized,
+                rel_l2_vs_triton=relative_l2(fp8(), block_sparse_attention(q, k, v, mask, backend="triton")))
 
     # RainFusion2.0 end to end at its video preset, and its parts
     config = RainFusion2Config()
@@ -127,7 +133,8 @@ def bench_preset(name: str, densities: list[float], dtype: torch.dtype) -> list[
     add("v2-end-to-end-triton", v2_density,
         time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=config, backend="triton")))
     for label, variant in (("compensated", RainFusion2Config(compensate=True)),
-                           ("adaptive", RainFusion2Config(selection="adaptive"))):
+                           ("adaptive", RainFusion2Config(selection="adaptive")),
+                           ("fp8", RainFusion2Config(precision="fp8"))):
         add(f"v2-end-to-end-{label}", v2_density,
             time_ms(lambda: sparse_attention(q, k, v, layout=layout, config=variant)))
     v1 = RainFusionConfig()
@@ -153,13 +160,14 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["wan-1.3b-480p", "cogvideox-5b", "wan-14b-720p", "hunyuan-720p"])
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.2, 0.1])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (its compiles are slow)")
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     report = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                   dtype=args.dtype, fa4=fa4_available(), rows=[])
     for name in args.presets:
-        report["rows"] += bench_preset(name, args.densities, dtype)
+        report["rows"] += bench_preset(name, args.densities, dtype, with_flex=not args.no_flex)
         torch.cuda.empty_cache()
         if args.out:  # after each preset: a run stopped by a time limit keeps what it measured
             with open(args.out, "w") as f:

@@ -41,6 +41,8 @@ def variants() -> list[Variant]:
         v2("v2 0.6", sparsity=0.6),
         Variant("v1 0.5", method_config("rainfusion")),
         Variant("v1 0.5 compensated", method_config("rainfusion", compensate=True)),
+        v2("v2 0.8 fp8", precision="fp8"),
+        Variant("v1 0.5 fp8", method_config("rainfusion", precision="fp8")),
     ]
 
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", nargs="+", help="run only these variants (dense always runs first)")
     parser.add_argument("--out")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -58,7 +61,10 @@ def main() -> None:
                   date=datetime.date.today().isoformat(), torch=torch.__version__, clips=args.clips, steps=args.steps,
                   checkpoints=[])
     for checkpoint in args.checkpoints:
-        demo, _ = run_demo(checkpoint, variant_list=variants(), clips=args.clips, steps=args.steps,
+        chosen = [v for v in variants() if v.config is None or args.only is None or v.name in args.only]
+        if args.only and len(chosen) != len(args.only) + 1:
+            raise ValueError(f"--only names unknown variants: {sorted(set(args.only) - {v.name for v in chosen})}")
+        demo, _ = run_demo(checkpoint, variant_list=chosen, clips=args.clips, steps=args.steps,
                            device=args.device, dtype=dtype, log=lambda line: None)
         spec = demo["spec"]
         rows = [dict(variant=r["variant"], psnr=r["psnr"], ssim=r["ssim"], cosine=r["cosine"],

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon] [extra args for the script or pytest]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality] [extra args for the script or pytest]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .fa4b ] && [ -d /tmp/fa4parts ] && [ ! -d /tmp/fa4site/flash_attn ]; then
-  cp .fa4b/* /tmp/fa4parts/ && (cd /tmp/fa4parts && cat cu13part_aa cu13part_ab > nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && rm cu13part_* \
+# FlashAttention-4 travels in three carried folders, one per call on a warm machine (.fa4a, .fa4b,
+# .fa4c: the 92 MB cutlass wheel split in three, so that each call stays under 64 MiB with the tree)
+for part in .fa4a .fa4b .fa4c; do
+  if [ -d $part ] && [ ! -d /tmp/fa4site/flash_attn ]; then mkdir -p /tmp/fa4parts && cp $part/* /tmp/fa4parts/; fi
+done
+if [ -f /tmp/fa4parts/cu13part_ac ] && [ -f /tmp/fa4parts/cu13part_aa ] && [ ! -d /tmp/fa4site/flash_attn ]; then
+  (cd /tmp/fa4parts && cat cu13part_aa cu13part_ab cu13part_ac > nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl && rm cu13part_* \
     && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4site ./*.whl) || echo "FA4 install failed"
 fi
 if [ -d /tmp/fa4site/flash_attn ]; then
@@ -48,4 +53,8 @@ if [ "$what" = gluon ]; then  # the Gluon kernel: its tests first (a hang ends a
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
+fi
+if [ "$what" = quality ]; then  # benchmarks/demo_quality.py (issue 15's table; extra args: --only ...)
+  PYTHONUNBUFFERED=1 timeout 560 python3 benchmarks/demo_quality.py --out "$out/demo-quality.json" \
+    --plot "$out/demo-quality.png" "$@" 2>&1 | grep -v Warning | tail -40
 fi

@@ -3,7 +3,7 @@ no GPU needed, and report what the compiler made of it: registers, spills, share
 counts of the instructions that matter (wgmma, exponentials, waits, CTA barriers, local-memory
 traffic). The SASS goes to --out.
 
-    python benchmarks/kernel_report.py [--head-dim 128] [--gluon] [--out /tmp/kernel]
+    python benchmarks/kernel_report.py [--head-dim 128] [--gluon [--fp8]] [--out /tmp/kernel]
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from triton.compiler import ASTSource
 
 from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block_sparse
 
-INSTRUCTIONS = ["HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
+INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
-POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32"}
+POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32",
+                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 
 
 def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, num_stages: int,
@@ -33,25 +34,28 @@ def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, 
     return _compile(_block_sparse_fwd.block_sparse_fwd_kernel, ASTSource, constants, dtype, options)
 
 
-def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16"):
-    """The Gluon kernel as launched (3 stages, no valid key count), like ``compile_for_sm90``."""
+def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16", fp8: bool = False):
+    """The Gluon kernel as launched (3 stages, or FP8_STAGES with ``fp8``; no valid key count),
+    like ``compile_for_sm90``; with ``fp8`` its e4m3 inputs (the output stays ``dtype``)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=3, RETURN_LSE=False, HAS_KV_VALID=False,
-                     stride_iw=1, stride_ln=1)
+    constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=block_sparse.FP8_STAGES if fp8 else 3, RETURN_LSE=False,
+                     HAS_KV_VALID=False, FP8=fp8, stride_iw=1, stride_ln=1)
+    types = {name: "*fp8e4nv" for name in ("q_ptr", "k_ptr", "v_ptr")} if fp8 else {}
     return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
-                    dict(num_warps=4))
+                    dict(num_warps=4), types)
 
 
-def _compile(fn, source, constants: dict, dtype: str, options: dict):
-    """triton.compile for sm_90 with pointers typed by name, the rest int32 (scale fp32)."""
+def _compile(fn, source, constants: dict, dtype: str, options: dict, types: dict | None = None):
+    """triton.compile for sm_90 with pointers typed by name (``types`` first, then
+    POINTER_TYPES, else ``dtype``), the rest int32 (scale fp32)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name], constexprs[(i,)] = "constexpr", constants[name]
             continue
         if name.endswith("_ptr"):
-            signature[name] = POINTER_TYPES.get(name, "*" + dtype)
+            signature[name] = (types or {}).get(name, POINTER_TYPES.get(name, "*" + dtype))
         else:
             signature[name] = "fp32" if name == "qk_scale_log2" else "i32"
         if name.endswith("_ptr") or name.startswith("stride_"):
@@ -63,11 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128, choices=block_sparse.HEAD_DIMS)
     parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (Hopper's path) instead")
+    parser.add_argument("--fp8", action="store_true", help="with --gluon: its FP8 path")
     parser.add_argument("--out", default="/tmp/rainfusion-kernel", help="folder for the cubin and SASS")
     args = parser.parse_args()
     if args.gluon:
-        kernel = compile_gluon_for_sm90(args.head_dim)
-        setting = "Gluon"
+        kernel = compile_gluon_for_sm90(args.head_dim, fp8=args.fp8)
+        setting = "Gluon FP8" if args.fp8 else "Gluon"
     else:
         block_q, block_n, num_warps, num_stages, maxnreg = block_sparse._CONFIGS[
             (128, triton.next_power_of_2(args.head_dim))]

@@ -4,9 +4,10 @@ warps). Each setting is checked against SDPA (density 1) before it is timed; the
 (Hopper's default) is off during the sweep. ``--gluon``: the Gluon kernel against the Triton
 kernel's chosen setting instead of the sweep. ``--compensation``: the fused skipped-block
 compensation kernel's settings (query rows per program, block means per step, warps, stages) at hunyuan-720p and the
-parts that compensation adds to a v2 0.8 call.
+parts that compensation adds to a v2 0.8 call. ``--fp8``: the FP8 Gluon kernel's ring stages
+against the bf16 Gluon kernel at hunyuan-720p, and its quantization pre-pass alone.
 
-    python benchmarks/kernel_sweep.py [--gluon | --compensation]
+    python benchmarks/kernel_sweep.py [--gluon | --compensation | --fp8]
 """
 
 from __future__ import annotations
@@ -92,10 +93,37 @@ def compensation_sweep() -> None:
         print(f"  {label:<28} {time_ms(fn, budget_ms=800):8.2f} ms", flush=True)
 
 
+def fp8_sweep() -> None:
+    """hunyuan-720p at densities 1.0 and 0.2: bf16 Gluon kernel, then FP8 per ring-stage count
+    (quantization included; rel L2 against the bf16 output), then the pre-pass alone."""
+    from rainfusion.kernels.fp8 import quantize_attention_inputs
+
+    spec = PRESETS["hunyuan-720p"]
+    n, heads, d = spec.layout.num_tokens, spec.heads, spec.head_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    masks = {density: random_block_mask(1, heads, n, density) for density in (1.0, 0.2)}
+    flops = 4 * n * n * d * heads
+    for density, mask in masks.items():
+        native = block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5, kernel="gluon")
+        ms = time_ms(lambda: block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5, kernel="gluon"), budget_ms=800)
+        print(f"density {density}: bf16 Gluon {ms:.2f} ms ({density * flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+        for stages in (3, 4):
+            block_sparse.FP8_STAGES = stages
+            run = lambda: block_sparse_attention_triton(q, k, v, mask, scale=d**-0.5, precision="fp8")  # noqa: E731
+            error = relative_l2(run(), native)
+            fp8_ms = time_ms(run, budget_ms=800)
+            print(f"  fp8 stages={stages}: {fp8_ms:.2f} ms ({ms / fp8_ms:.2f}x bf16), rel L2 vs bf16 {error:.4f}",
+                  flush=True)
+    print(f"  quantization pre-pass: {time_ms(lambda: quantize_attention_inputs(q, k, v, 128), budget_ms=500):.3f} ms")
+
+
 def main() -> None:
     print(torch.cuda.get_device_name())
     if "--compensation" in sys.argv[1:]:
         return compensation_sweep()
+    if "--fp8" in sys.argv[1:]:
+        return fp8_sweep()
     gluon = "--gluon" in sys.argv[1:]
     shapes = [(h, n, d, [block_sparse._CONFIGS[(128, d)], "gluon"]) for h, n, d, _ in SHAPES] if gluon else SHAPES
     rows = []

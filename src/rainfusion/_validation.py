@@ -13,6 +13,15 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the precisions of block-sparse attention's products: "native" (the inputs' dtype) or "fp8"
+# (e4m3 with per-block scales, on Hopper's Gluon kernel)
+PRECISIONS = ("native", "fp8")
+
+
+def check_precision(precision: object) -> None:
+    """One of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

@@ -23,7 +23,8 @@ from .steps import AttentionState, AttentionStats, MaskCache
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            block_mask: BlockSparseMask, *, scale: float | None = None,
-                           kv_valid_len: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                           kv_valid_len: torch.Tensor | None = None, backend: str = "auto",
+                           precision: str = "native") -> torch.Tensor:
     """Attention restricted to the key blocks listed in ``block_mask``.
 
     query [B, H, Nq, D], key/value [B, H, Nk, D]; block_mask for (B or 1, H or 1) with
@@ -31,15 +32,18 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``BlockSparseMask``); kv_valid_len (int [B] in [1, Nk], optional): keys at positions >= it
     are padding and ignored (e.g. padded text); checking it reads one value on the host. Returns
     [B, H, Nq, D] in the input dtype (float64 computed in float64). Query rows that see no key
-    give 0. Differentiable on the ``portable`` backend (see ``backends``).
+    give 0. Differentiable on the ``portable`` backend (see ``backends``). ``precision``: "native"
+    (products in the inputs' dtype) or "fp8" (opt-in: e4m3 q, k, P, v with per-block scales on
+    Hopper's Gluon kernel, about 3 significant bits per product; elsewhere native, logged once).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(block_mask, query, key)
     kv_valid_len = check_kv_valid_len(kv_valid_len, query, valid_range=(1, key.shape[2]),
                                       why=" (at least one valid key, at most the key count)")
     name = resolve_backend(backend, query, mask.block_size, padded_keys=kv_valid_len is not None,
-                           grad=needs_grad(query, key, value))
-    return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]), kv_valid_len)
+                           grad=needs_grad(query, key, value), precision=precision)
+    return run_block_sparse(name, query, key, value, mask, check_scale(scale, query.shape[-1]), kv_valid_len,
+                            precision=precision)
 
 
 def _timed(fn, profile: bool, device: torch.device):
@@ -55,11 +59,12 @@ def _timed(fn, profile: bool, device: torch.device):
 
 
 def _compensated(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockSparseMask,
-                 scale: float, kv_valid_len: torch.Tensor | None) -> torch.Tensor:
+                 scale: float, kv_valid_len: torch.Tensor | None, precision: str) -> torch.Tensor:
     """Block-sparse attention over the kept blocks, exact, merged with the estimate of the skipped
     ones from the permuted key and value block means (``compensation``). Skipped blocks hold no
     padding (the text, where padding lives, is always kept)."""
-    exact, lse = run_block_sparse(name, query, key, value, mask, scale, kv_valid_len, return_lse=True)
+    exact, lse = run_block_sparse(name, query, key, value, mask, scale, kv_valid_len, return_lse=True,
+                                  precision=precision)
     return compensate_skipped(query, key, value, mask, exact, lse, scale)
 
 
@@ -104,7 +109,7 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return out
 
     name = resolve_backend(backend, query, config.block_size, padded_keys=kv_valid_len is not None,
-                           grad=needs_grad(query, key, value))
+                           grad=needs_grad(query, key, value), precision=config.precision)
     cache_key = (tuple(query.shape), query.device, layout, config)
     cache = state.cache if state is not None else None
     sparse_step = step - warmup
@@ -119,9 +124,9 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
     # trailing text stays at the end in every token order: the padding is still a suffix
     if config.compensate:
-        permuted_out = _compensated(name, *permuted, plan.mask, scale, kv_valid_len)
+        permuted_out = _compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision)
     else:
-        permuted_out = run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len)
+        permuted_out = run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len, precision=config.precision)
     out = gather_tokens(permuted_out, plan.inverse)
     if state is not None:
         state.cache = cache

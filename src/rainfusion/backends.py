@@ -9,6 +9,10 @@ Block-sparse attention (``resolve_backend``, ``run_block_sparse``):
 - ``auto``: on CUDA ``fa4`` where it applies and is the faster (head dim 128), else ``triton``,
   else ``portable`` (a fallback from the fastest kernel is logged once); ``portable`` elsewhere.
 
+``precision="fp8"`` (opt-in) runs on ``triton``'s Gluon kernel for Hopper, which ``auto`` then
+takes; where that kernel cannot run, the native precision runs (logged once); ``fa4`` and
+``portable`` have no FP8 path and refuse it.
+
 Gradients: ``portable`` is plain PyTorch, so autograd differentiates it (the mask is a constant); ``fa4`` and ``triton`` are forward only and refuse inputs that need a
 gradient, for which ``auto`` picks ``portable`` (logged once). Under ``torch.no_grad()`` or
 ``torch.inference_mode()`` nothing needs a gradient.
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._logging import log_once
+from ._validation import check_precision
 from .mask import BlockSparseMask, key_padding_mask
 from .compensation import merge_with_estimate, skipped_block_estimate
 from .portable import block_sparse_attention_portable
@@ -77,13 +82,35 @@ def _triton_kernel_takes(query: torch.Tensor) -> bool:
     return query.dtype in DTYPES and query.shape[-1] in HEAD_DIMS
 
 
+def _fp8_refusal(query: torch.Tensor, block_size: int, grad: bool) -> str | None:
+    """Why ``precision="fp8"`` cannot run this call, or None when the FP8 Gluon kernel can."""
+    if grad:
+        return "the inputs require grad, and the FP8 kernel is forward only"
+    if not (query.is_cuda and triton_available()):
+        return "it needs Triton and CUDA tensors"
+    from .kernels.block_sparse import fp8_refusal
+
+    return fp8_refusal(query, block_size)
+
+
 def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_keys: bool = False,
-                    grad: bool = False) -> str:
+                    grad: bool = False, precision: str = "native") -> str:
     """The backend that will run ``query`` [B, H, N, D] with masks of ``block_size`` for the
     requested ``backend``; ``padded_keys``: the call has per-item valid key counts (FA4 can't);
-    ``grad``: the inputs need a gradient (only the portable backend has one)."""
+    ``grad``: the inputs need a gradient (only the portable backend has one); ``precision``: one
+    of ``PRECISIONS`` (with "fp8", ``triton`` where its FP8 kernel runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_precision(precision)
+    if precision == "fp8":
+        if backend in ("fa4", "portable"):
+            raise ValueError(f"precision='fp8' runs on our Gluon kernel for Hopper (backend 'triton' or 'auto'); "
+                             f"backend={backend!r} has no FP8 path: use precision='native' with it")
+        if backend == "auto":
+            refusal = _fp8_refusal(query, block_size, grad)
+            if refusal is None:
+                return "triton"
+            log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the native precision runs")
     device = query.device
     if grad and backend in ("fa4", "triton"):
         raise ValueError(f"backend={backend!r} is forward only, and the inputs require grad: use backend='portable' "
@@ -158,10 +185,11 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: fl
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, precision: str = "native") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
     kv_valid_len int32 [B] or None (not with fa4); with ``return_lse`` also the natural
-    log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key)."""
+    log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key);
+    ``precision`` reaches the ``triton`` backend only (``resolve_backend`` sends FP8 there)."""
     if backend == "fa4":
         from .kernels.fa4 import block_sparse_attention_fa4
 
@@ -170,7 +198,7 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
         from .kernels.block_sparse import block_sparse_attention_triton
 
         return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
-                                             return_lse=return_lse)
+                                             return_lse=return_lse, precision=precision)
     return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
                                            return_lse=return_lse)
 

@@ -7,11 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ._validation import check_int
+from ._validation import check_int, check_precision
 from .mask import check_block_size
 
 Permutation = Literal["window3d", "tile2d", "none"]
 Selection = Literal["topk", "topp", "adaptive"]
+Precision = Literal["native", "fp8"]
 # v1's head patterns: the values of ``AttentionStats.patterns`` and of the ARM's verdicts
 SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2
 PATTERN_NAMES = ("spatial", "temporal", "textural")
@@ -35,6 +36,7 @@ def _check_common(config: "RainFusionConfig | RainFusion2Config") -> None:
         raise TypeError(f"sink_first_frame must be a bool, got {type(config.sink_first_frame).__name__}")
     if not isinstance(config.compensate, bool):
         raise TypeError(f"compensate must be a bool, got {type(config.compensate).__name__}")
+    check_precision(config.precision)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class RainFusionConfig:
         subset of keys; with False (an ablation) they take whichever band has the higher recall.
     compensate: add the skipped key blocks back as an estimate from their block means, merged
         exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
+    precision: "native" (products in the inputs' dtype) or "fp8" (the sparse steps' block-sparse
+        attention in e4m3 with per-block scales, on Hopper; elsewhere native, logged once; the
+        dense warm-up stays native).
     """
 
     sparsity: float = 0.5
@@ -70,6 +75,7 @@ class RainFusionConfig:
     refresh_interval: int = 1
     textural: bool = True
     compensate: bool = False
+    precision: Precision = "native"
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -124,6 +130,9 @@ class RainFusion2Config:
         where the forced blocks are many (small sizes).
     compensate: add the skipped key blocks back as an estimate from their block means, merged
         exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
+    precision: "native" (products in the inputs' dtype) or "fp8" (the sparse steps' block-sparse
+        attention in e4m3 with per-block scales, on Hopper; elsewhere native, logged once; the
+        dense warm-up stays native).
     """
 
     sparsity: float = 0.8
@@ -138,6 +147,7 @@ class RainFusion2Config:
     refresh_interval: int = 1
     compensate: bool = False
     adaptive_range: tuple[float, float] = (0.5, 2.0)
+    precision: Precision = "native"
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -184,6 +194,7 @@ METHODS: dict[str, tuple[type, dict]] = {
     "rainfusion2-compensated": (RainFusion2Config, {"compensate": True}),
     "rainfusion2-adaptive": (RainFusion2Config, {"selection": "adaptive"}),
     "rainfusion2-adaptive-compensated": (RainFusion2Config, {"selection": "adaptive", "compensate": True}),
+    "rainfusion2-fp8": (RainFusion2Config, {"precision": "fp8"}),
 }
 
 

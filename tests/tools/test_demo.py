@@ -195,25 +195,11 @@ def test_demo_without_matplotlib_runs_and_says_the_plot_is_skipped(tmp_path, mon
     assert len(json.loads((out_dir / "demo.json").read_text())["rows"]) == 3
 
 
-def _recorded_qk(model: DemoVideoModel, *, noise: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """q, k of each self-attention layer in the forward that ``analyse`` makes (same clip and noise)."""
-    from rainfusion.tools.demo.analysis import _RecordSelfAttention, layout_of
-
-    generator = torch.Generator().manual_seed(seed)
-    videos, captions = sample_videos(1, model.spec, generator)
-    latents = to_latents(videos)
-    noisy = (1 - noise) * latents + noise * torch.randn(latents.shape, generator=generator)
-    recorder = _RecordSelfAttention(layout_of(model).num_tokens)
-    with recorder, torch.no_grad():
-        model(noisy, torch.tensor([noise * 1000]), captions)
-    return recorder.calls
-
-
 def test_attention_analysis_matches_a_direct_computation(tmp_path):
     """Per layer and head: the frame-to-frame mass and the ARM verdict of the recorded q, k equal
     a direct float64 computation on the same q, k; one figure per layer."""
     from rainfusion.arm import recognise_heads
-    from rainfusion.tools.demo.analysis import analyse, layout_of, plot_layer
+    from rainfusion.tools.demo.analysis import analyse, capture_self_attention, layout_of, plot_layer
 
     spec = VideoSpec(frames=3, size=32)  # 3 x 4 x 4 = 48 tokens
     model = DemoVideoModel(spec, TINY).eval()
@@ -221,7 +207,8 @@ def test_attention_analysis_matches_a_direct_computation(tmp_path):
     assert len(layers) == TINY["num_layers"]
     layout = layout_of(model)
     assert layout == VideoLayout(3, 4, 4)
-    q, k = (t.double() for t in _recorded_qk(model, noise=0.6, seed=1)[1])  # the same forward, layer 1
+    q, k, v = (t.double() for t in capture_self_attention(model, noise=0.6, seed=1)[1])  # the same forward, layer 1
+    assert v.shape == q.shape
     probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # head dim 64
     mass = torch.stack([probs[:, 16 * i:16 * (i + 1)].view(2, 16, 3, 16).sum(-1).mean(1) for i in range(3)], 1)
     assert torch.allclose(layers[1].frame_mass.double(), mass, atol=1e-5)
@@ -241,7 +228,7 @@ def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
     """Mask recall per head equals the exact attention mass inside the predicted block mask,
     summed directly (raster order: 4 blocks of 64 tokens = one frame each), and the best recall
     the mass of each row's heaviest blocks at the same counts; all of it at sparsity 0."""
-    from rainfusion.tools.demo.analysis import analyse, layout_of
+    from rainfusion.tools.demo.analysis import analyse, capture_self_attention, layout_of
 
     spec = VideoSpec(frames=4, size=64)  # 4 x 8 x 8 = 256 tokens
     model = DemoVideoModel(spec, TINY).eval()
@@ -249,7 +236,7 @@ def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
              "v2 at 0": RainFusion2Config(sparsity=0.0, block_size=64)}
     layers = analyse(model, noise=0.3, seed=2, masks=masks)
     layout = layout_of(model)
-    for layer, (query, key) in zip(layers, _recorded_qk(model, noise=0.3, seed=2)):
+    for layer, (query, key, _) in zip(layers, capture_self_attention(model, noise=0.3, seed=2)):
         q, k = query[:1].double(), key[:1].double()
         probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # [H, N, N]
         state = AttentionState()

@@ -8,8 +8,17 @@ barrier in the loop). A stage is refilled once both consumers have released it. 
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
 P V product runs (3 stages, as a stage is released one tile later).
 
-Limits of this version: mask blocks and key tiles of 128, bf16/fp16; head dim 128 (64 compiles
-and is correct, but the Triton kernel is faster there on an H100: benchmarks/NOTES.md).
+With FP8, q, k and v come as e4m3 with one scale per 128-token block (``fp8.quantize_blocks``:
+q and k [B, H, N, D], v transposed to [B, H, D, N], wgmma's 8-bit operands being K-major, its
+tokens reordered within each 32 so that P needs no shuffle to become the operand): a
+tile's scores are scaled by its q and k block scales (one scalar each); P is cast to e4m3 after
+exp2 with a gain of 2^8 (its largest entry 256, under e4m3's 448; the gain cancels in out = acc
+/ l); the per-block V scale is folded into the accumulator's rescale factor between tiles (acc
+holds sum P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile.
+
+Limits of this version: mask blocks and key tiles of 128, bf16/fp16 (or e4m3 with FP8); head dim
+128, and 64 (it compiles and is correct, but in bf16 the Triton kernel is faster there on an
+H100: benchmarks/NOTES.md; FP8 runs here at both).
 """
 
 from triton.experimental import gluon
@@ -19,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
+P_LOG2_GAIN_FP8 = gl.constexpr(8.0)  # with FP8, P = exp2(s - m + 8) in (0, 256]
 
 
 @gluon.jit
@@ -30,8 +40,10 @@ def _kv_block(index_row, slot, stride_iw, is_full):
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-            index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    """Loader partition (one warp): the two halves of the query block, then K and V tiles."""
+            index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+            FP8: gl.constexpr):
+    """Loader partition (one warp): the two halves of the query block, then K and V tiles (V^T
+    tiles [D, BLOCK] with FP8)."""
     for half in gl.static_range(2):
         mbarrier.expect(q_ready.index(half), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_start + half * ROWS_PER_CONSUMER, 0], q_ready.index(half),
@@ -44,7 +56,10 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [start, 0], k_ready.index(stage), k_smem.index(stage))
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [start, 0], v_ready.index(stage), v_smem.index(stage))
+        if FP8:
+            tma.async_copy_global_to_shared(v_desc, [0, start], v_ready.index(stage), v_smem.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [start, 0], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -57,30 +72,46 @@ def _issue_qk(q, k_smem, k_ready, it, s_layout: gl.constexpr, BLOCK: gl.constexp
 
 
 @gluon.jit
-def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr):
-    """Start acc += P V of tile ``it`` once its V has landed (asynchronous)."""
+def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr, FP8: gl.constexpr):
+    """Start acc += P V of tile ``it`` once its V has landed (asynchronous; with FP8 the stage
+    holds V^T, read K-major)."""
     mbarrier.wait(v_ready.index(it % STAGES), (it // STAGES) & 1)
-    return warpgroup_mma(p, v_smem.index(it % STAGES), acc, is_async=True)
+    v = v_smem.index(it % STAGES)
+    if FP8:
+        v = v.permute((1, 0))
+    return warpgroup_mma(p, v, acc, is_async=True)
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr):
-    """Online softmax of scores s [64, BLOCK]: (P in float32, in place of s; the rescale factor
-    of the accumulator; l; m); keys at column >= ``key_limit`` are masked."""
+def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr,
+                  P_LOG2_GAIN: gl.constexpr):
+    """Online softmax of scores s [64, BLOCK]: (P in float32, in place of s, times
+    2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m); keys at column >= ``key_limit``
+    are masked."""
     if MASK_KEYS:
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
-    p = gl.exp2(s * qk_scale_log2 - m_ref[:, None])
+    p = gl.exp2(s * qk_scale_log2 - (m_ref - P_LOG2_GAIN)[:, None])
     alpha = gl.exp2(m_i - m_ref)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, l_i, m_new
 
 
 @gluon.jit
-def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr):
-    """P as the register operand of the P V product (a register shuffle, no shared memory)."""
+def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """P as the register operand of the P V product (no shared memory). 16-bit: a register
+    shuffle. FP8: the columns are reordered within each 32 so that every thread already holds
+    the 8-bit operand's elements (key 8a + 2t + b of a chunk, t the thread in its quad, goes to
+    position 16(a // 2) + 4t + 2(a % 2) + b), which makes the layout change free; V^T's tokens
+    come in the same order (``fp8.quantize_blocks(wgmma_order=True)``), so P V is unchanged."""
+    if FP8:
+        rows: gl.constexpr = p.shape[0]
+        cols: gl.constexpr = p.shape[1]
+        p8 = gl.reshape(p.to(dtype), [rows, cols // 32, 2, 2, 4, 2])  # [row, chunk, a // 2, a % 2, t, b]
+        p8 = gl.reshape(gl.permute(p8, (0, 1, 2, 4, 3, 5)), [rows, cols])
+        return gl.convert_layout(p8, p_layout, assert_trivial=True)
     return gl.convert_layout(p.to(dtype), p_layout)
 
 
@@ -93,7 +124,7 @@ def _rescaled(acc, alpha):
 @gluon.jit
 def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit,
                  qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
-                 STAGES: gl.constexpr, MASK_KEYS: gl.constexpr):
+                 STAGES: gl.constexpr, MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
     ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
     ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
@@ -101,12 +132,12 @@ def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, 
     wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
     acc = _rescaled(acc, alpha_prev)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
-    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES)
+    acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES, FP8)
     s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
-    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS)
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS, P_LOG2_GAIN)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    return acc, l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout), alpha
+    return acc, l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout, FP8), alpha
 
 
 @gluon.jit
@@ -120,56 +151,86 @@ def _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK: gl.c
 
 
 @gluon.jit
+def _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row, v_scale_row):
+    """FP8: (the score scale of tile ``it``: qk_scale_log2 times its key block's scale; its
+    value block's scale)."""
+    block = _kv_block(index_row, it, stride_iw, is_full)
+    return qk_scale_log2 * gl.load(k_scale_row + block), gl.load(v_scale_row + block)
+
+
+@gluon.jit
 def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
               stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-              BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr):
+              k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              RETURN_LSE: gl.constexpr, FP8: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
-    positions >= ``key_limit`` are masked out (only in the tiles that reach it)."""
+    positions >= ``key_limit`` are masked out (only in the tiles that reach it). With FP8,
+    qk_scale_log2 includes the query block's scale and k_scale_row / v_scale_row point at the
+    head's key and value block scales."""
+    INSTR_K: gl.constexpr = 32 if FP8 else 16  # the wgmma K of 8- and 16-bit operands
+    P_LOG2_GAIN: gl.constexpr = P_LOG2_GAIN_FP8 if FP8 else 0.0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
+                                                       instr_shape=[16, BLOCK, INSTR_K])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, INSTR_K])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if FP8 else 2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     m_i = gl.full([ROWS_PER_CONSUMER], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([ROWS_PER_CONSUMER], gl.float32, row_layout)
     acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
+    tile_scale = qk_scale_log2
+    v_scale = 1.0  # FP8: the value block scale of the last tile taken (acc is in its units)
     if count > 0:  # (an empty row reads no table entry: the table may have width 0)
         clean = _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK)
+        if FP8:
+            tile_scale, v_scale = _tile_scales(index_row, stride_iw, is_full, 0, qk_scale_log2, k_scale_row,
+                                               v_scale_row)
         s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES),))
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK,
-                                           qk_scale_log2, BLOCK, MASK_KEYS=True)
-        p = _mma_operand(p, k_smem.dtype, p_layout)
+                                           tile_scale, BLOCK, True, P_LOG2_GAIN)
+        p = _mma_operand(p, k_smem.dtype, p_layout, FP8)
         for it in range(1, clean):
+            if FP8:
+                tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
+                                                        v_scale_row)
             acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
-                                                   kv_empty, it, BLOCK, qk_scale_log2, s_layout, p_layout, BLOCK,
-                                                   STAGES, MASK_KEYS=False)
+                                                   kv_empty, it, BLOCK, tile_scale, s_layout, p_layout, BLOCK,
+                                                   STAGES, False, FP8, P_LOG2_GAIN)
+            if FP8:  # acc moves into this tile's value units before its P V is added
+                alpha = alpha * (v_scale / tile_v_scale)
+                v_scale = tile_v_scale
         for it in range(gl.maximum(clean, 1), count):
             tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
+            if FP8:
+                tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
+                                                        v_scale_row)
             acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
-                                                   kv_empty, it, tile_limit, qk_scale_log2, s_layout, p_layout,
-                                                   BLOCK, STAGES, MASK_KEYS=True)
+                                                   kv_empty, it, tile_limit, tile_scale, s_layout, p_layout,
+                                                   BLOCK, STAGES, True, FP8, P_LOG2_GAIN)
+            if FP8:
+                alpha = alpha * (v_scale / tile_v_scale)
+                v_scale = tile_v_scale
         last = count - 1
-        acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES),))
+        acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES, FP8),))
         mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     empty = l_o == 0.0  # rows that saw no key output 0
-    out = acc / gl.where(empty, 1.0, l_o)[:, None]
+    out = acc * (v_scale / gl.where(empty, 1.0, l_o))[:, None]
     rows = q_start + half * ROWS_PER_CONSUMER + gl.arange(0, ROWS_PER_CONSUMER, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     ptrs = out_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :]
     gl.store(ptrs, out.to(out_base.dtype.element_ty), mask=(rows < q_len)[:, None])
     if RETURN_LSE:
         lse = gl.where(empty, float("-inf"), (gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
-                                              + gl.log2(gl.where(empty, 1.0, l_o))) * 0.6931471805599453)
+                                              + gl.log2(gl.where(empty, 1.0, l_o)) - P_LOG2_GAIN) * 0.6931471805599453)
         gl.store(lse_base + rows.to(gl.int64) * stride_ln, lse, mask=rows < q_len)
 
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
 def block_sparse_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -177,14 +238,19 @@ def block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_iw,
+    stride_qsb, stride_qsh, stride_kvsb, stride_kvsh,
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-    HAS_KV_VALID: gl.constexpr,
+    HAS_KV_VALID: gl.constexpr, FP8: gl.constexpr,
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
     [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid
-    int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out.
-    Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
+    int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. With FP8: q,
+    k e4m3 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
+    tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
+    scales float32 q [B, H, q_blocks] and k, v [B, H, kv_blocks] (unit block stride; the k and v
+    ones share strides). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
+    partitions add 5)."""
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = (pid_bh // num_heads).to(gl.int64)
@@ -192,17 +258,26 @@ def block_sparse_fwd_kernel(
     row = q_block.to(gl.int64)
     q_start = q_block * BLOCK
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    BITS: gl.constexpr = 8 if FP8 else 16
+    # rows of HEAD_DIM elements (q, k; v without FP8) and, with FP8, V^T rows of BLOCK elements
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, HEAD_DIM * BITS // 8),
+                                                     element_bitwidth=BITS, rank=2)
+    vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=BITS, rank=2)
     q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
                                         strides=[stride_qn, 1], block_shape=[ROWS_PER_CONSUMER, HEAD_DIM],
                                         layout=tile_layout)
     k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
                                         strides=[stride_kn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
-    v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    if FP8:  # V^T: [D, Nk padded to whole blocks] per head, its padded width = its row stride
+        v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[HEAD_DIM, stride_vn],
+                                            strides=[stride_vn, 1], block_shape=[HEAD_DIM, BLOCK], layout=vt_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
+    else:
+        v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS_PER_CONSUMER, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -223,13 +298,17 @@ def block_sparse_fwd_kernel(
         key_limit = gl.minimum(kv_len, gl.load(kv_valid_ptr + b))
     out_base = out_ptr + b * stride_ob + h * stride_oh
     lse_base = lse_ptr + b * stride_lb + h * stride_lh
+    k_scale_row = k_scale_ptr + b * stride_kvsb + h * stride_kvsh
+    v_scale_row = v_scale_ptr + b * stride_kvsb + h * stride_kvsh
+    if FP8:
+        qk_scale_log2 = qk_scale_log2 * gl.load(q_scale_ptr + b * stride_qsb + h * stride_qsh + row)
     gl.warp_specialize([
         (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
                      stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-                     BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+                     k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
         (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
                      stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-                     BLOCK, HEAD_DIM, STAGES, RETURN_LSE)),
+                     k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-                   index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES)),
+                   index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
     ], [4, 1], [232, 40])

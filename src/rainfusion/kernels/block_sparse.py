@@ -5,7 +5,9 @@
 implementation so torch.compile can trace it). It never synchronises with the host.
 
 On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
-one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. Launches run on the
+one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. ``precision="fp8"``
+runs the Gluon kernel on e4m3 copies of q, k, v made by one pre-pass (``fp8``); where the Gluon
+kernel cannot run, the 16-bit kernels run instead (logged once). Launches run on the
 query's device. The Triton kernel runs on CUDA tensors; on CPU it runs
 under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was first imported
 (float32 is accepted there only).
@@ -19,7 +21,7 @@ import triton
 from triton.runtime import JITFunction
 
 from .._logging import log_once
-from .._validation import check_kv_valid_len, check_qkv
+from .._validation import check_kv_valid_len, check_precision, check_qkv
 from ..mask import BlockSparseMask, check_block_mask, num_blocks
 from . import _block_sparse_fwd
 from .memory import empty_like_layout, on_device
@@ -31,6 +33,7 @@ INTERPRETER_DTYPES = DTYPES + (torch.float32,)
 # (mask block, BLOCK_D) -> (BLOCK_Q query rows per program, BLOCK_N, num_warps, num_stages, maxnreg),
 # bf16/fp16. 128-token blocks chosen by benchmarks/kernel_sweep.py on an H100 (see benchmarks/NOTES.md);
 # 64-token blocks compiled for sm_90 without spills, not timed.
+FP8_STAGES = 3  # K/V ring stages of the FP8 Gluon kernel (32 KB each)
 _CONFIGS = {
     (128, 64): (128, 128, 8, 2, 128),
     (128, 128): (128, 64, 8, 2, 128),
@@ -70,6 +73,7 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 # Triton kernel, two programs per SM, stays faster (1.17x at 0.2), so it keeps those calls.
 KERNELS = ("auto", "gluon", "triton")
 GLUON_HEAD_DIMS = (128,)
+FP8_HEAD_DIMS = (64, 128)  # the Gluon kernel's FP8 path: the only FP8 kernel, so at 64 too
 # Gluon's API moves between Triton releases (3.9 renamed the TMA copies it uses), so the kernel
 # runs only on the releases it was run and tested on (H100 and H200, Triton 3.6).
 GLUON_TRITON_RELEASES = ("3.6",)
@@ -80,10 +84,10 @@ def gluon_tested_on(triton_version: str) -> bool:
     return ".".join(triton_version.split(".")[:2]) in GLUON_TRITON_RELEASES
 
 
-def _gluon_case(query: torch.Tensor, block_size: int) -> bool:
-    """The calls the Gluon kernel is for: CUDA tensors on sm_90, 128-token blocks, D in GLUON_HEAD_DIMS."""
+def _gluon_case(query: torch.Tensor, block_size: int, head_dims: tuple[int, ...] = GLUON_HEAD_DIMS) -> bool:
+    """The calls the Gluon kernel is for: CUDA tensors on sm_90, 128-token blocks, D in ``head_dims``."""
     return (query.is_cuda and not INTERPRETED and torch.cuda.get_device_capability(query.device) == (9, 0)
-            and block_size == 128 and query.shape[-1] in GLUON_HEAD_DIMS)
+            and block_size == 128 and query.shape[-1] in head_dims)
 
 
 def _gluon_refusal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int) -> str | None:
@@ -97,6 +101,16 @@ def _gluon_refusal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 f"{triton.__version__}")
     if not _tma_aligned(query, key, value):
         return "q, k and v must be 16-byte aligned with a unit head-dim stride"
+    return None
+
+
+def fp8_refusal(query: torch.Tensor, block_size: int) -> str | None:
+    """Why ``precision="fp8"`` cannot run this call, or None when it can: the Gluon kernel's case
+    on a tested Triton (its e4m3 inputs are fresh, aligned copies)."""
+    if not _gluon_case(query, block_size, FP8_HEAD_DIMS):
+        return f"it runs on sm_90 (Hopper) GPUs with 128-token blocks and head dims {FP8_HEAD_DIMS}"
+    if not gluon_tested_on(triton.__version__):
+        return f"it is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} only, and this is Triton {triton.__version__}"
     return None
 
 
@@ -139,10 +153,12 @@ def _block_sparse_attention_op(
     scale: float,
     return_lse: bool,
     kernel: str,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
-    ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable).
+    ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable);
+    ``fp8``: the Gluon kernel on e4m3 copies (the caller checked ``fp8_refusal``).
     Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
@@ -152,19 +168,34 @@ def _block_sparse_attention_op(
     block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
-    if _use_gluon(query, key, value, block_size, kernel):
+    if fp8 or _use_gluon(query, key, value, block_size, kernel):
         from . import _block_sparse_fwd_gluon
 
+        if fp8:
+            from .fp8 import quantize_attention_inputs
+
+            triton.set_allocator(_descriptor_scratch)
+            q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
+                query, key, value, block_size)
+            v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(2))  # V^T [B, H, D, Nk]: rows along D
+        else:  # (q stands in for the pointers of the absent scales)
+            q_in, k_in, v_in = query, key, value
+            q_scale = k_scale = v_scale = query
+            v_strides = (value.stride(0), value.stride(1), value.stride(2))
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
             # (out and counts stand in for the pointers of an absent lse and kv_valid)
-            query, key, value, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            q_in, k_in, v_in, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
+            q_scale, k_scale, v_scale,
+            q_in.stride(0), q_in.stride(1), q_in.stride(2), k_in.stride(0), k_in.stride(1), k_in.stride(2),
+            *v_strides, out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
+            *(q_scale.stride()[:2] if fp8 else (0, 0)), *(k_scale.stride()[:2] if fp8 else (0, 0)),
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
-            HEAD_DIM=d, BLOCK=block_size, STAGES=3, RETURN_LSE=return_lse, HAS_KV_VALID=kv_valid is not None,
-            num_warps=4,
+            HEAD_DIM=d, BLOCK=block_size, STAGES=FP8_STAGES if fp8 else 3, RETURN_LSE=return_lse,
+            HAS_KV_VALID=kv_valid is not None, FP8=fp8, num_warps=4,
         )
+        if fp8 and return_lse:  # the scores were of the centred keys: add q . key_center back
+            lse += scale * (query @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
     _block_sparse_fwd.block_sparse_fwd_kernel[grid](
@@ -180,7 +211,7 @@ def _block_sparse_attention_op(
 
 
 @_block_sparse_attention_op.register_fake
-def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel):
+def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel, fp8=False):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -209,6 +240,7 @@ def block_sparse_attention_triton(
     kv_valid_len: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     kernel: str = "auto",
+    precision: str = "native",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
 
@@ -218,7 +250,9 @@ def block_sparse_attention_triton(
     Returns out [B, H, Nq, D] (same memory layout as query) and, with ``return_lse``, the
     natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
     ``kernel``: "auto" (the Gluon kernel where it applies, on sm_90; else the Triton one), "gluon"
-    (a ValueError where it cannot run) or "triton".
+    (a ValueError where it cannot run) or "triton". ``precision``: "native" (products in the
+    inputs' dtype) or "fp8" (the Gluon kernel on e4m3 q, k, P and v with per-block scales, see
+    ``fp8``; where it cannot run, the native kernels, logged once; not with kernel="triton").
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
@@ -226,7 +260,17 @@ def block_sparse_attention_triton(
     kv_valid_len = check_kv_valid_len(kv_valid_len, query)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_precision(precision)
+    fp8 = precision == "fp8"
+    if fp8 and kernel == "triton":
+        raise ValueError("precision='fp8' runs on the Gluon kernel, and kernel='triton' asks for the Triton one: "
+                         "use kernel='auto' or 'gluon', or precision='native'")
+    if fp8 and (refusal := fp8_refusal(query, mask.block_size)):
+        if kernel == "gluon":
+            raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
+        log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the 16-bit kernels run")
+        fp8 = False
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
-                                              mask.block_size, float(scale), return_lse, kernel)
+                                              mask.block_size, float(scale), return_lse, kernel, fp8)
     return (out, lse) if return_lse else out

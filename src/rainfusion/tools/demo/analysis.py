@@ -33,7 +33,7 @@ from .videos import sample_videos
 
 
 class _RecordSelfAttention(TorchFunctionMode):
-    """Keeps q, k [B, H, N, D] of every SDPA call over ``num_tokens`` keys (self-attention)."""
+    """Keeps q, k, v [B, H, N, D] of every SDPA call over ``num_tokens`` keys (self-attention)."""
 
     def __init__(self, num_tokens: int):
         super().__init__()
@@ -42,10 +42,10 @@ class _RecordSelfAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            query = args[0] if args else kwargs["query"]
-            key = args[1] if len(args) > 1 else kwargs["key"]
+            query, key, value = (args[i] if len(args) > i else kwargs[name]
+                                 for i, name in enumerate(("query", "key", "value")))
             if key.shape[2] == self.num_tokens:
-                self.calls.append((query.detach(), key.detach()))
+                self.calls.append((query.detach(), key.detach(), value.detach()))
         return func(*args, **kwargs)
 
 
@@ -98,10 +98,10 @@ def layout_of(model: DemoVideoModel) -> VideoLayout:
 
 
 @torch.no_grad()
-def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None,
-            masks: dict[str, AnyConfig] = MASKS) -> list[LayerMaps]:
-    """Per self-attention layer, the maps of one procedural clip noised to level ``noise``;
-    ``config``: the ARM's; ``masks``: the methods whose mask recall is measured."""
+def capture_self_attention(model: DemoVideoModel, *, noise: float = 0.5,
+                           seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q, k, v) [1, H, N, D] of every self-attention layer, in order, for one procedural clip
+    noised to level ``noise`` (in the model's device and dtype)."""
     layout = layout_of(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
@@ -111,10 +111,19 @@ def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config:
     recorder = _RecordSelfAttention(layout.num_tokens)
     with recorder:
         model(noisy.to(dtype), torch.tensor([noise * 1000], device=device), captions)
+    return recorder.calls
+
+
+@torch.no_grad()
+def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config: RainFusionConfig | None = None,
+            masks: dict[str, AnyConfig] = MASKS) -> list[LayerMaps]:
+    """Per self-attention layer, the maps of one procedural clip noised to level ``noise``;
+    ``config``: the ARM's; ``masks``: the methods whose mask recall is measured."""
+    layout = layout_of(model)
     config = config or RainFusionConfig(sink_first_frame=False)
     t, h, w = layout.frames, layout.height, layout.width
     layers = []
-    for query, key in recorder.calls:
+    for query, key, _ in capture_self_attention(model, noise=noise, seed=seed):
         q, k = query[:1].float(), key[:1].float()  # [1, H, N, D]
         scale = q.shape[-1] ** -0.5
         verdict = recognise_heads(q, k, layout, config, scale=scale)
