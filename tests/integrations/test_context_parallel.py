@@ -2,9 +2,6 @@
 gloo: with Ulysses every rank attends over the full sequence for its heads, so the masks and the
 output are the single-process ones, whichever of the two is applied first; ring is refused."""
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -19,15 +16,9 @@ from test_diffusers_wan import inputs, run, tiny_wan  # noqa: E402
 CONFIG = RainFusion2Config(warmup_fraction=0.0, block_size=64)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, port: int, order: str, degrees: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank: int, rendezvous: str, order: str, degrees: dict, out: str) -> None:
+    # a file rendezvous: no TCP port to pick, so no race with another process taking it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         # test-only shim: diffusers picks each rank's device among the accelerators (none here)
         torch.accelerator.device_count = lambda: 1
@@ -57,7 +48,7 @@ def _rank(rank: int, port: int, order: str, degrees: dict, out: str) -> None:
 
 def _two_ranks(tmp_path, order: str, **degrees):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_rank, args=(_free_port(), order, degrees, out), nprocs=2)
+    mp.spawn(_rank, args=(str(tmp_path / "rendezvous"), order, degrees, out), nprocs=2)
     return torch.load(out)
 
 
