@@ -7,16 +7,15 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["num_tokens", "out_rows"])
 def quantize_blocks_kernel(
     # pointers: x [B, H, N, D]; center float32 [B, H, D] (read with HAS_CENTER); out e4m3 with
-    # out_rows rows, [B, H, rows, D] or, through its strides, transposed; scale float32 [B, H,
-    # blocks]; index int64 [N] (HAS_INDEX: sequence position r is token index[r] of x)
-    x_ptr, center_ptr, out_ptr, scale_ptr, index_ptr,
+    # out_rows rows, [B, H, rows, D] or, through its strides, transposed; scale float32 [B, H, blocks]
+    x_ptr, center_ptr, out_ptr, scale_ptr,
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_cb, stride_ch, stride_cd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_sb, stride_sh, stride_sn,
     num_heads, num_tokens, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_CENTER: tl.constexpr,
-    HAS_INDEX: tl.constexpr, WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr,
+    WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK), B * H). Each program reads one block of BLOCK positions (fp32 in
     registers, the center subtracted), takes its largest magnitude, and writes the block divided
@@ -35,8 +34,7 @@ def quantize_blocks_kernel(
         positions = rows - within + 8 * (2 * (within // 16) + (within % 4) // 2) + 2 * ((within % 16) // 4) + within % 2
     cols = tl.arange(0, BLOCK_D)
     ok = (positions < num_tokens)[:, None] & (cols < HEAD_DIM)[None, :]
-    tokens = tl.load(index_ptr + positions, mask=positions < num_tokens, other=0) if HAS_INDEX else positions
-    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + cols[None, :] * stride_xd,
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + positions[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=ok, other=0.0).to(tl.float32)
     if HAS_CENTER:
         center = tl.load(center_ptr + b * stride_cb + h * stride_ch + cols * stride_cd, mask=cols < HEAD_DIM, other=0.0)

@@ -1,7 +1,6 @@
 """FP8 (e4m3) inputs of the block-sparse kernel: one pre-pass per tensor, one scale per block.
 
-``quantize_blocks`` reads x once (through a token order, if given: the permutation gather and
-the quantization in one pass) and writes e4m3 with one float32 scale per block of tokens; keys
+``quantize_blocks`` reads x once and writes e4m3 with one float32 scale per block of tokens; keys
 are centred first (minus their mean over all tokens: softmax is unchanged by a per-query
 shift, and the quantization error then scales with how keys differ, not with their common
 part, as SageAttention does); values are written transposed, [B, H, D, N], the layout FP8 wgmma
@@ -21,12 +20,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.Tensor] = None,
-                    transpose: bool = False, index: Optional[torch.Tensor] = None,
-                    wgmma_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    transpose: bool = False, wgmma_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, N, D] (any strides, bf16 / fp16 / fp32) -> (e4m3 [B, H, N, D], or with
     ``transpose`` [B, H, D, N], and scales float32 [B, H, ceil(N / block_size)]) with x - center
-    ~ e4m3 * scale per block. center: float32 [B, H, D] or None; index: int64 [N], the token
-    order to read x in (None: as it is). ``wgmma_order`` (with ``transpose``): the tokens of each
+    ~ e4m3 * scale per block. center: float32 [B, H, D] or None. ``wgmma_order`` (with
+    ``transpose``): the tokens of each
     32 in the FP8 kernel's P operand order (``_quantize_fp8``), N padded to whole blocks with
     zeros (the returned tensor's width; its row stride tells the padded width to TMA)."""
     b, h, n, d = x.shape
@@ -43,25 +41,24 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
     scale = x.new_empty(b, h, blocks, dtype=torch.float32)
     with on_device(x):
         _quantize_fp8.quantize_blocks_kernel[(blocks, b * h)](
-            x, x if center is None else center, out, scale, x if index is None else index,
+            x, x if center is None else center, out, scale,
             *x.stride(), *((0, 0, 0) if center is None else center.stride()), *out_strides, *scale.stride(),
             h, n, out.shape[-1] if transpose else n, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK=block_size,
-            HAS_CENTER=center is not None, HAS_INDEX=index is not None, WGMMA_ORDER=wgmma_order, FP8_MAX=FP8_MAX,
+            HAS_CENTER=center is not None, WGMMA_ORDER=wgmma_order, FP8_MAX=FP8_MAX,
             num_warps=8,
         )
     return out, scale
 
 
-def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,
-                              index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              block_size: int) -> tuple[torch.Tensor, ...]:
     """(q8, k8, v8t, q_scale, k_scale, v_scale, key_center) for the FP8 kernel: q and k e4m3
     [B, H, N, D] (k minus key_center, its float32 mean [B, H, D]: scores shift by q . key_center
     per query, which the softmax ignores and a log-sum-exp must add back), v e4m3 [B, H, D, N
     padded to whole blocks] with each 32 tokens in the P operand order (``quantize_blocks``),
-    block scales float32 [B, H, blocks]; ``index``: the token order (int64 [N]) to read all
-    three in."""
-    center = key.mean(dim=2, dtype=torch.float32)  # over all tokens: the same in any order
-    q8, q_scale = quantize_blocks(query, block_size, index=index)
-    k8, k_scale = quantize_blocks(key, block_size, center=center, index=index)
-    v8t, v_scale = quantize_blocks(value, block_size, transpose=True, index=index, wgmma_order=True)
+    block scales float32 [B, H, blocks]."""
+    center = key.mean(dim=2, dtype=torch.float32)
+    q8, q_scale = quantize_blocks(query, block_size)
+    k8, k_scale = quantize_blocks(key, block_size, center=center)
+    v8t, v_scale = quantize_blocks(value, block_size, transpose=True, wgmma_order=True)
     return q8, k8, v8t, q_scale, k_scale, v_scale, center
