@@ -1,0 +1,100 @@
+"""Which low-precision scheme keeps attention accurate, on CPU: the FP8 kernel's arithmetic and
+its alternatives emulated in float64 with torch's e4m3 cast, on q, k, v captured from the demo
+model (v2 0.8 masks), against exact attention (issue 16).
+
+Each scheme rounds q and k (e4m3 or int8, one scale per 128-token block or per token), P (e4m3
+after a 2^8 gain) and v (e4m3 per block) as the kernel would, then computes in float64; the
+kernel's own scheme matches its H200 errors within about 0.002 (benchmarks/NOTES.md).
+
+    python benchmarks/fp8_emulation.py [--checkpoint PATH] [--noise 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from rainfusion import RainFusion2Config
+from rainfusion.methods import plan_attention
+from rainfusion.reference import token_mask
+from rainfusion.tools.demo.analysis import capture_self_attention, layout_of
+from rainfusion.tools.demo.model import load_checkpoint
+from rainfusion.tools.demo.run import EMBEDDED
+
+BLOCK = 128
+# name -> (q and k format, q scale groups, k scale groups, P and v in e4m3)
+SCHEMES = {
+    "exact q, k; e4m3 P, v": (None, None, None, True),
+    "e4m3 q, k per block (the kernel)": ("e4m3", "block", "block", True),
+    "e4m3 q, k per token": ("e4m3", "token", "token", True),
+    "int8 q, k per block": ("int8", "block", "block", True),
+    "int8 q per token, k per block": ("int8", "token", "block", True),
+    "e4m3 q, k per block; exact P, v": ("e4m3", "block", "block", False),
+    "int8 q, k per block; exact P, v": ("int8", "block", "block", False),
+}
+
+
+def rounded(x: torch.Tensor, fmt: str | None, groups: str | None) -> torch.Tensor:
+    """x [..., N, D] float64 rounded to ``fmt`` ("e4m3", "int8" or None: exact) with one scale
+    per 128-token block or per token (``groups``), returned dequantized."""
+    if fmt is None:
+        return x
+    top = 448.0 if fmt == "e4m3" else 127.0
+    if groups == "token":
+        scale = x.abs().amax(-1, keepdim=True) / top
+    else:
+        n = x.shape[-2]
+        padded = torch.nn.functional.pad(x, (0, 0, 0, (-n) % BLOCK))
+        scale = padded.unflatten(-2, (-1, BLOCK)).abs().amax((-1, -2)) / top
+        scale = scale.repeat_interleave(BLOCK, -1)[..., :n, None]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if fmt == "int8":
+        return torch.round(x / scale) * scale
+    return (x / scale).float().to(torch.float8_e4m3fn).double() * scale
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+              scheme: tuple | None) -> torch.Tensor:
+    """Masked attention [B, H, N, D] in float64 with the rounding of ``scheme`` (None: exact);
+    keys centred on their mean first, as the kernel does (softmax is unchanged by it)."""
+    if scheme is None:
+        fmt, q_groups, k_groups, low_pv = None, None, None, False
+    else:
+        fmt, q_groups, k_groups, low_pv = scheme
+    k = k - k.mean(-2, keepdim=True)
+    scores = (rounded(q, fmt, q_groups) @ rounded(k, fmt, k_groups).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.exp(scores - scores.amax(-1, keepdim=True)).nan_to_num(0.0)
+    total = p.sum(-1, keepdim=True)
+    if low_pv:
+        p = (p * 256).float().to(torch.float8_e4m3fn).double() / 256
+        v = rounded(v, "e4m3", "block")
+    return (p @ v) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=str(EMBEDDED))
+    parser.add_argument("--noise", type=float, default=0.9)
+    args = parser.parse_args()
+    model = load_checkpoint(args.checkpoint, "cpu", torch.float32)
+    layout = layout_of(model)
+    print(f"{'layer':<6}" + "".join(f"{name[:34]:>36}" for name in SCHEMES))
+    for layer, (query, key, value) in enumerate(capture_self_attention(model, noise=args.noise)):
+        scale = query.shape[-1] ** -0.5
+        plan = plan_attention(query, key, layout, RainFusion2Config(), scale)
+        q, k, v = (t[:, :, plan.order].double() for t in (query, key, value))
+        allowed = token_mask(plan.mask.expand(*q.shape[:2]))
+        exact = attention(q, k, v, allowed, scale, None)
+        cells = []
+        for scheme in SCHEMES.values():
+            out = attention(q, k, v, allowed, scale, scheme)
+            error = float((out - exact).norm() / exact.norm())
+            cosine = float(torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0))
+            cells.append(f"{error:.4f} / {cosine:.5f}")
+        print(f"{layer:<6}" + "".join(f"{cell:>36}" for cell in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
