@@ -268,7 +268,7 @@ def block_sparse_attention_triton(
     if fp8 and (refusal := fp8_refusal(query, mask.block_size)):
         if kernel == "gluon":
             raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
-        log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the 16-bit kernels run")
+        log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the native precision runs")
         fp8 = False
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
