@@ -3,7 +3,7 @@ program, key tile, warps, stages and register cap (2 programs per SM need <= 128
 warps). Each setting is checked against SDPA (density 1) before it is timed; the Gluon kernel
 (Hopper's default) is off during the sweep. ``--gluon``: the Gluon kernel against the Triton
 kernel's chosen setting instead of the sweep. ``--compensation``: the fused skipped-block
-compensation kernel's settings (query rows per program, block means per step, warps, stages) at hunyuan-720p and the
+compensation kernel's settings (block means per step, warps, stages) at hunyuan-720p and the
 parts that compensation adds to a v2 0.8 call. ``--fp8``: the FP8 Gluon kernel's ring stages
 against the bf16 Gluon kernel at hunyuan-720p, and its quantization pre-pass alone.
 
@@ -40,10 +40,9 @@ SHAPES = [(24, 32768, 128, None), (48, 17550, 64, None),
           (24, 119056, 128, [(128, 128, 8, 3, None), (128, 64, 8, 2, 128), (128, 32, 8, 3, 128)])]  # hunyuan-720p
 
 
-# (query rows per program, block means per step, warps, stages)
-COMPENSATION_SETTINGS = [(128, 64, 8, 3), (128, 32, 4, 4), (128, 32, 4, 3), (128, 32, 4, 5), (128, 16, 4, 4),
-                         (128, 32, 8, 4), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 4), (64, 32, 2, 4),
-                         (64, 64, 4, 4), (64, 32, 4, 3)]
+# (block means per step, warps, stages)
+COMPENSATION_SETTINGS = [(64, 8, 3), (32, 4, 4), (32, 4, 3), (32, 4, 5), (16, 4, 4), (32, 8, 4), (64, 4, 3),
+                         (128, 8, 2)]
 
 
 def compensation_sweep() -> None:

@@ -19,30 +19,29 @@ def compensate_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_gb, stride_gh, stride_gn, stride_gd,
     num_heads, num_queries, kv_len, kv_blocks, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Grid: (cdiv(N, ROWS), B * H): ROWS query rows per program, a divisor of the mask's block
-    size BLOCK (value head dim = HEAD_DIM). Online softmax in base 2 over the skipped block means,
+    """Grid: (cdiv(N, BLOCK_M), B * H), BLOCK_M the mask's block size (one query block per
+    program; value head dim = HEAD_DIM). Online softmax in base 2 over the skipped block means,
     BLOCK_K at a time (products on the tensor cores in q's dtype; exact with IEEE, fp32), each
-    weighted by its token count (a log2 bias: BLOCK, fewer in the tail block of kv_len keys);
+    weighted by its token count (a log2 bias: BLOCK_M, fewer in the tail block of kv_len keys);
     then out * exp(lse - total) + estimate * exp(lse_estimate - total) in fp32, stored in merged's
     dtype."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
-    first_row = tl.program_id(0).to(tl.int64) * ROWS
-    q_block = first_row // BLOCK
-    rows = first_row + tl.arange(0, ROWS)
+    q_block = tl.program_id(0).to(tl.int64)
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < num_queries
     col_ok = cols < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + cols[None, :] * stride_qd,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     log2e: tl.constexpr = 1.4426950408889634
-    running_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kept_row = kept_ptr + b * stride_mb + h * stride_mh + q_block * stride_mq
     for start in range(0, kv_blocks, BLOCK_K):
         blocks = start + tl.arange(0, BLOCK_K)
@@ -53,7 +52,7 @@ def compensate_kernel(
                     mask=tile_ok, other=0.0)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + blocks[:, None] * stride_vn + cols[None, :] * stride_vd,
                     mask=tile_ok, other=0.0)
-        tokens = tl.minimum(kv_len - blocks * BLOCK, BLOCK)
+        tokens = tl.minimum(kv_len - blocks * BLOCK_M, BLOCK_M)
         bias = tl.log2(tl.where(in_range, tokens, 1).to(tl.float32))
         if IEEE:  # fp32 inputs: exact products (the interpreter's tests)
             products = tl.dot(q, tl.trans(k), input_precision="ieee")

@@ -24,9 +24,9 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
     """x [B, H, N, D] (any strides, bf16 / fp16 / fp32) -> (e4m3 [B, H, N, D], or with
     ``transpose`` [B, H, D, N], and scales float32 [B, H, ceil(N / block_size)]) with x - center
     ~ e4m3 * scale per block. center: float32 [B, H, D] or None. ``wgmma_order`` (with
-    ``transpose``): the tokens of each
-    32 in the FP8 kernel's P operand order (``_quantize_fp8``), N padded to whole blocks with
-    zeros (the returned tensor's width; its row stride tells the padded width to TMA)."""
+    ``transpose``): the tokens of each 32 in the FP8 kernel's P operand order
+    (``_quantize_fp8``), N padded to whole blocks with zeros (the returned tensor's width; its
+    row stride tells the padded width to TMA)."""
     b, h, n, d = x.shape
     blocks = triton.cdiv(n, block_size)
     if wgmma_order and not transpose:

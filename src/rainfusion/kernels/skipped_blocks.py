@@ -12,9 +12,9 @@ import triton
 from . import _skipped_blocks
 from .memory import on_device
 
-# (query rows per program, block means per inner step, num_warps, num_stages) for 128- and
-# 64-token mask blocks; 128 chosen by benchmarks/kernel_sweep.py --compensation on an H200
-CONFIGS = {128: (128, 32, 4, 4), 64: (64, 64, 4, 3)}
+# (block means per inner step, num_warps, num_stages) for 128- and 64-token mask blocks (one
+# query block per program); 128 chosen by benchmarks/kernel_sweep.py --compensation on an H200
+CONFIGS = {128: (32, 4, 4), 64: (64, 4, 3)}
 
 
 @torch.library.custom_op("rainfusion::compensate_skipped_blocks", mutates_args=())
@@ -35,14 +35,13 @@ def compensate_triton(query: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.T
     for axis in (0, 1):  # a mask shared over batch or heads: stride 0
         if flags.shape[axis] == 1:
             strides[axis] = 0
-    rows, block_k, num_warps, num_stages = CONFIGS.get(block_size, CONFIGS[64])
-    rows = min(rows, block_size)
+    block_k, num_warps, num_stages = CONFIGS.get(block_size, CONFIGS[64])
     with on_device(query):
-        _skipped_blocks.compensate_kernel[(triton.cdiv(n, rows), b * h)](
+        _skipped_blocks.compensate_kernel[(triton.cdiv(n, block_size), b * h)](
             query, means[0], means[1], flags, out, lse, merged,
             *query.stride(), *means[0].stride(), *means[1].stride(), *strides, *out.stride(), *lse.stride(),
             *merged.stride(), h, n, kv_len, kv_blocks, scale * math.log2(math.e),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK=block_size, ROWS=rows, BLOCK_K=block_k,
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_size, BLOCK_K=block_k,
             IEEE=query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
         )
     return merged
