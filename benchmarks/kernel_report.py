@@ -41,7 +41,7 @@ def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16", fp8: bool = False
 
     constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=block_sparse.FP8_STAGES if fp8 else 3, RETURN_LSE=False,
                      HAS_KV_VALID=False, FP8=fp8, stride_iw=1, stride_ln=1)
-    types = {name: "*fp8e4nv" for name in ("q_ptr", "k_ptr", "v_ptr")} if fp8 else {}
+    types = dict(q_ptr="*i8", k_ptr="*i8", v_ptr="*fp8e4nv") if fp8 else {}
     return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
                     dict(num_warps=4), types)
 

@@ -4,10 +4,11 @@ random, synthetic-video and demo-model q, k, v (GPU, sm_90), and the fallbacks a
 where it cannot run (CPU).
 
 Accuracy against float64, on the same inputs and mask as the native (bf16) kernel. Issue 16
-asks for cosine >= 0.999 and relative L2 <= 3x the native kernel's; e4m3's 3 mantissa bits give
-about 9-10x on structured data (synthetic video, the demo model's q, k, v: relative L2
-0.015-0.017, cosine >= 0.9998) and about 24x on i.i.d. Gaussian q, k, v (0.05, cosine 0.9987;
-H200, benchmarks/NOTES.md). The bounds below hold the kernel to what it reached.
+asks for cosine >= 0.999 and relative L2 <= 3x the native kernel's. With int8 q, k and e4m3 P,
+v the kernel reaches 6-11x on structured data (synthetic video, the demo model's q, k, v:
+relative L2 0.010-0.020, cosine >= 0.9998) and about 17x on i.i.d. Gaussian q, k, v (0.037,
+cosine 0.9993; H200, benchmarks/NOTES.md): the e4m3 P and v alone give 0.006-0.017 (CPU
+emulation). The bounds below hold the kernel to what it reached.
 """
 
 import logging
@@ -40,6 +41,18 @@ def wgmma_positions(width: int) -> torch.Tensor:
                 for b in range(2):
                     positions[chunk + 16 * (a // 2) + 4 * t + 2 * (a % 2) + b] = chunk + 8 * a + 2 * t + b
     return positions
+
+
+def test_int8_blocks_round_to_nearest():
+    x = torch.randn(1, 2, 300, 64, generator=torch.Generator().manual_seed(3)) * 3
+    out, scale = quantize_blocks(x.to(DEVICE, torch.bfloat16 if ON_GPU else torch.float32), 128, int8=True)
+    x = x.to(torch.bfloat16).float() if ON_GPU else x
+    per_token = scale.cpu().repeat_interleave(128, -1)[..., :300, None]
+    assert out.dtype == torch.int8
+    assert (out.cpu().float() - torch.round(x / per_token)).abs().max() <= 1  # ties may differ
+    assert (out.cpu().float() != torch.round(x / per_token)).float().mean() < 1e-3
+    with pytest.raises(ValueError, match="int8=True is for q and k"):
+        quantize_blocks(out, 128, int8=True, transpose=True)
 
 
 @pytest.mark.parametrize("n, d, block_size, centred, transposed, wgmma", [
@@ -91,7 +104,7 @@ def _errors(q, k, v, mask, scale, kv_valid_len=None):
 
 
 # (min cosine, max relative L2 as a multiple of the native kernel's) per kind of data
-STRUCTURED, IID = (0.999, 12.0), (0.998, 30.0)
+STRUCTURED, IID = (0.999, 12.0), (0.999, 20.0)
 
 
 def _assert_accurate(errors: tuple[float, float, float], label: str, bounds: tuple[float, float]) -> None:
@@ -129,8 +142,6 @@ def test_fp8_on_synthetic_video_with_v2_masks():
 
 @pytest.mark.gpu
 @needs_fp8
-@pytest.mark.xfail(strict=True, reason="issue 16 open: layer 2 of the demo model reaches cosine 0.9984 (< 0.999), "
-                   "relative L2 0.057 = 32x native (layers 0-1: 0.9999, 9-10x; H200, 2026-12-01)")
 def test_fp8_on_the_demo_models_attention_with_v2_masks():
     pytest.importorskip("diffusers")
     from rainfusion.backends import gather_tokens

@@ -8,15 +8,17 @@ barrier in the loop). A stage is refilled once both consumers have released it. 
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
 P V product runs (3 stages, as a stage is released one tile later).
 
-With FP8, q, k and v come as e4m3 with one scale per 128-token block (``fp8.quantize_blocks``:
-q and k [B, H, N, D], v transposed to [B, H, D, N], wgmma's 8-bit operands being K-major, its
-tokens reordered within each 32 so that P needs no shuffle to become the operand): a
-tile's scores are scaled by its q and k block scales (one scalar each); P is cast to e4m3 after
-exp2 with a gain of 2^8 (its largest entry 256, under e4m3's 448; the gain cancels in out = acc
-/ l); the per-block V scale is folded into the accumulator's rescale factor between tiles (acc
-holds sum P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile.
+With FP8 (``precision="fp8"``), q and k come as int8 and v as e4m3, each with one scale per
+128-token block (``fp8.quantize_blocks``: q and k [B, H, N, D], v transposed to [B, H, D, N],
+wgmma's 8-bit operands being K-major, its tokens reordered within each 32 so that P needs no
+shuffle to become the operand). Q K^T runs as s8 wgmma into int32 scores, made float by an
+integer add (``_float_scores``) and scaled per tile by the q and k block scales (one scalar
+each); P is cast to e4m3 after exp2 with a gain of 2^8 (its largest entry 256, under e4m3's
+448; the gain cancels in out = acc / l), four values to a register at the P V issue; the
+per-block V scale is folded into the accumulator's rescale factor between tiles (acc holds sum
+P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile.
 
-Limits of this version: mask blocks and key tiles of 128, bf16/fp16 (or e4m3 with FP8); head dim
+Limits of this version: mask blocks and key tiles of 128, bf16/fp16 inputs; head dim
 128, and 64 (it compiles and is correct, but in bf16 the Triton kernel is faster there on an
 H100: benchmarks/NOTES.md; FP8 runs here at both).
 """
@@ -29,6 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
 P_LOG2_GAIN_FP8 = gl.constexpr(8.0)  # with FP8, P = exp2(s - m + 8) in (0, 256]
+INT_SCORE_BIAS = gl.constexpr(12582912.0)  # 1.5 * 2^23 (``_float_scores``)
 
 
 @gluon.jit
@@ -63,12 +66,25 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_
 
 
 @gluon.jit
-def _issue_qk(q, k_smem, k_ready, it, s_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    """Start S = Q K^T of tile ``it`` once its K has landed (asynchronous: wait before use)."""
+def _issue_qk(q, k_smem, k_ready, it, s_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              FP8: gl.constexpr):
+    """Start S = Q K^T of tile ``it`` once its K has landed (asynchronous: wait before use; an
+    int32 accumulator with int8 q and k)."""
     mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
     k = k_smem.index(it % STAGES)
-    return warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.float32, s_layout),
+    return warpgroup_mma(q, k.permute((1, 0)),
+                         gl.zeros([ROWS_PER_CONSUMER, BLOCK], gl.int32 if FP8 else gl.float32, s_layout),
                          use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _float_scores(s, FP8: gl.constexpr):
+    """float32 scores; int32 ones (|s| <= 127^2 * 256 < 2^22) plus INT_SCORE_BIAS, whose bits
+    plus s are exactly that float (an integer add instead of the quarter-rate I2F; the softmax
+    takes the bias off inside its multiply-add)."""
+    if FP8:
+        s = (s + 0x4B400000).to(gl.float32, bitcast=True)
+    return s
 
 
 @gluon.jit
@@ -84,19 +100,34 @@ def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr, FP8: gl.constex
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr,
-                  P_LOG2_GAIN: gl.constexpr):
-    """Online softmax of scores s [64, BLOCK]: (P in float32, in place of s, times
-    2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m); keys at column >= ``key_limit``
-    are masked."""
+                  P_LOG2_GAIN: gl.constexpr, FP8: gl.constexpr):
+    """Online softmax of scores s [64, BLOCK] (``_float_scores``): (P in float32, in place of s,
+    times 2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m); keys at column >=
+    ``key_limit`` are masked."""
     if MASK_KEYS:
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale_log2)
+    row_max = gl.max(s, 1)
+    if FP8:  # the scores' bias (``_float_scores``) comes off the row max and the row offset
+        row_max = row_max - INT_SCORE_BIAS
+    m_new = gl.maximum(m_i, row_max * qk_scale_log2)
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
-    p = gl.exp2(s * qk_scale_log2 - (m_ref - P_LOG2_GAIN)[:, None])
+    offset = m_ref - P_LOG2_GAIN
+    if FP8:
+        offset = offset + INT_SCORE_BIAS * qk_scale_log2
+    p = gl.exp2(s * qk_scale_log2 - offset[:, None])
     alpha = gl.exp2(m_i - m_ref)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _to_e4m3(x):
+    """float32 -> e4m3, four to a 32-bit register as they lie in it (two paired conversions;
+    Triton's own cast splits each pair into bytes and packs them again: 3 PRMT per register)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -109,10 +140,24 @@ def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constex
     if FP8:
         rows: gl.constexpr = p.shape[0]
         cols: gl.constexpr = p.shape[1]
-        p8 = gl.reshape(p.to(dtype), [rows, cols // 32, 2, 2, 4, 2])  # [row, chunk, a // 2, a % 2, t, b]
-        p8 = gl.reshape(gl.permute(p8, (0, 1, 2, 4, 3, 5)), [rows, cols])
-        return gl.convert_layout(p8, p_layout, assert_trivial=True)
+        p = gl.reshape(p, [rows, cols // 32, 2, 2, 4, 2])  # [row, chunk, a // 2, a % 2, t, b]
+        p = gl.reshape(gl.permute(p, (0, 1, 2, 4, 3, 5)), [rows, cols])
+        return _to_e4m3(gl.convert_layout(p, p_layout, assert_trivial=True))
     return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _carried_p(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """A tile's P as carried to the next step: 16-bit, the P V operand; FP8, still float32 and
+    cast when its product is issued (``_pv_operand``): an 8-bit tensor carried through the loop
+    is split into bytes and packed again, 4 PRMT per register)."""
+    return p if FP8 else _mma_operand(p, dtype, p_layout, FP8)
+
+
+@gluon.jit
+def _pv_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+    """The P V operand of a carried P (``_carried_p``)."""
+    return _mma_operand(p, dtype, p_layout, FP8) if FP8 else p
 
 
 @gluon.jit
@@ -131,13 +176,15 @@ def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, 
     this tile's P operand and rescale factor for the next step. P is written only after the
     wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
     acc = _rescaled(acc, alpha_prev)
-    s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES)
+    s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES, FP8)
+    p_prev = _pv_operand(p_prev, v_smem.dtype, p_layout, FP8)
     acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES, FP8)
-    s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
-    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS, P_LOG2_GAIN)
+    s = _float_scores(warpgroup_mma_wait(1, deps=(s,)), FP8)  # the older of the two: S
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS, P_LOG2_GAIN,
+                                       FP8)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    return acc, l_i, m_i, _mma_operand(p, k_smem.dtype, p_layout, FP8), alpha
+    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha
 
 
 @gluon.jit
@@ -187,10 +234,11 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
         if FP8:
             tile_scale, v_scale = _tile_scales(index_row, stride_iw, is_full, 0, qk_scale_log2, k_scale_row,
                                                v_scale_row)
-        s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES),))
+        s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES, FP8),))
+        s = _float_scores(s, FP8)
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK,
-                                           tile_scale, BLOCK, True, P_LOG2_GAIN)
-        p = _mma_operand(p, k_smem.dtype, p_layout, FP8)
+                                           tile_scale, BLOCK, True, P_LOG2_GAIN, FP8)
+        p = _carried_p(p, v_smem.dtype, p_layout, FP8)
         for it in range(1, clean):
             if FP8:
                 tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
@@ -213,6 +261,7 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                 alpha = alpha * (v_scale / tile_v_scale)
                 v_scale = tile_v_scale
         last = count - 1
+        p = _pv_operand(p, v_smem.dtype, p_layout, FP8)
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES, FP8),))
         mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -257,7 +306,8 @@ def block_sparse_fwd_kernel(
     h = (pid_bh % num_heads).to(gl.int64)
     row = q_block.to(gl.int64)
     q_start = q_block * BLOCK
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    dtype: gl.constexpr = q_ptr.dtype.element_ty  # q and k (int8 with FP8)
+    v_dtype: gl.constexpr = v_ptr.dtype.element_ty
     BITS: gl.constexpr = 8 if FP8 else 16
     # rows of HEAD_DIM elements (q, k; v without FP8) and, with FP8, V^T rows of BLOCK elements
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, HEAD_DIM * BITS // 8),
@@ -271,7 +321,7 @@ def block_sparse_fwd_kernel(
     if FP8:  # V^T: [D, Nk padded to whole blocks] per head, its padded width = its row stride
         v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[HEAD_DIM, stride_vn],
                                             strides=[stride_vn, 1], block_shape=[HEAD_DIM, BLOCK], layout=vt_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
+        v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
     else:
         v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
                                             strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)

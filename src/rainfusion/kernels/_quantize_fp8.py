@@ -15,7 +15,7 @@ def quantize_blocks_kernel(
     stride_sb, stride_sh, stride_sn,
     num_heads, num_tokens, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_CENTER: tl.constexpr,
-    WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr,
+    WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr, INT8: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK), B * H). Each program reads one block of BLOCK positions (fp32 in
     registers, the center subtracted), takes its largest magnitude, and writes the block divided
@@ -40,8 +40,14 @@ def quantize_blocks_kernel(
         center = tl.load(center_ptr + b * stride_cb + h * stride_ch + cols * stride_cd, mask=cols < HEAD_DIM, other=0.0)
         x = tl.where(ok, x - center[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
-    quantized = (x * (1.0 / scale)).to(tl.float8e4nv)
+    top: tl.constexpr = 127.0 if INT8 else FP8_MAX
+    scale = tl.where(amax > 0, amax / top, 1.0)
+    if INT8:  # rounded to nearest (halves away from zero), within [-127, 127]
+        scaled = x * (1.0 / scale)
+        rounded = tl.where(scaled >= 0, tl.floor(scaled + 0.5), -tl.floor(0.5 - scaled))
+        quantized = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+    else:
+        quantized = (x * (1.0 / scale)).to(tl.float8e4nv)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :] * stride_od,
              quantized, mask=(rows < out_rows)[:, None] & (cols < HEAD_DIM)[None, :])
     tl.store(scale_ptr + b * stride_sb + h * stride_sh + block * stride_sn, scale)

@@ -6,7 +6,7 @@ implementation so torch.compile can trace it). It never synchronises with the ho
 
 On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
 one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. ``precision="fp8"``
-runs the Gluon kernel on e4m3 copies of q, k, v made by one pre-pass (``fp8``); where the Gluon
+runs the Gluon kernel on 8-bit copies of q, k, v made by one pre-pass (``fp8``); where the Gluon
 kernel cannot run, the 16-bit kernels run instead (logged once). Launches run on the
 query's device. The Triton kernel runs on CUDA tensors; on CPU it runs
 under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was first imported
@@ -106,7 +106,7 @@ def _gluon_refusal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 def fp8_refusal(query: torch.Tensor, block_size: int) -> str | None:
     """Why ``precision="fp8"`` cannot run this call, or None when it can: the Gluon kernel's case
-    on a tested Triton (its e4m3 inputs are fresh, aligned copies)."""
+    on a tested Triton (its 8-bit inputs are fresh, aligned copies)."""
     if not _gluon_case(query, block_size, FP8_HEAD_DIMS):
         return f"it runs on sm_90 (Hopper) GPUs with 128-token blocks and head dims {FP8_HEAD_DIMS}"
     if not gluon_tested_on(triton.__version__):
@@ -158,7 +158,7 @@ def _block_sparse_attention_op(
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
     ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable);
-    ``fp8``: the Gluon kernel on e4m3 copies (the caller checked ``fp8_refusal``).
+    ``fp8``: the Gluon kernel on 8-bit copies (the caller checked ``fp8_refusal``).
     Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
@@ -251,7 +251,7 @@ def block_sparse_attention_triton(
     natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
     ``kernel``: "auto" (the Gluon kernel where it applies, on sm_90; else the Triton one), "gluon"
     (a ValueError where it cannot run) or "triton". ``precision``: "native" (products in the
-    inputs' dtype) or "fp8" (the Gluon kernel on e4m3 q, k, P and v with per-block scales, see
+    inputs' dtype) or "fp8" (the Gluon kernel on int8 q, k and e4m3 P, v with per-block scales, see
     ``fp8``; where it cannot run, the native kernels, logged once; not with kernel="triton").
     """
     check_qkv(query, key, value)

@@ -1,6 +1,9 @@
-"""FP8 (e4m3) inputs of the block-sparse kernel: one pre-pass per tensor, one scale per block.
+"""8-bit inputs of the block-sparse kernel (``precision="fp8"``): one pre-pass per tensor, one
+scale per block of tokens: q and k int8 (SageAttention's choice: 3x more accurate scores than
+e4m3 on the demo model's sharpest layer, at the FP8 rate on Hopper; benchmarks/fp8_emulation.py),
+v e4m3.
 
-``quantize_blocks`` reads x once and writes e4m3 with one float32 scale per block of tokens; keys
+``quantize_blocks`` reads x once and writes int8 or e4m3 with one float32 scale per block; keys
 are centred first (minus their mean over all tokens: softmax is unchanged by a per-query
 shift, and the quantization error then scales with how keys differ, not with their common
 part, as SageAttention does); values are written transposed, [B, H, D, N], the layout FP8 wgmma
@@ -20,23 +23,26 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.Tensor] = None,
-                    transpose: bool = False, wgmma_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, N, D] (any strides, bf16 / fp16 / fp32) -> (e4m3 [B, H, N, D], or with
-    ``transpose`` [B, H, D, N], and scales float32 [B, H, ceil(N / block_size)]) with x - center
-    ~ e4m3 * scale per block. center: float32 [B, H, D] or None. ``wgmma_order`` (with
-    ``transpose``): the tokens of each 32 in the FP8 kernel's P operand order
-    (``_quantize_fp8``), N padded to whole blocks with zeros (the returned tensor's width; its
-    row stride tells the padded width to TMA)."""
+                    transpose: bool = False, wgmma_order: bool = False,
+                    int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, N, D] (any strides, bf16 / fp16 / fp32) -> (e4m3 [B, H, N, D] (``int8``: int8,
+    rounded to nearest, block max -> 127), or with ``transpose`` [B, H, D, N], and scales
+    float32 [B, H, ceil(N / block_size)]) with x - center ~ out * scale per block. center:
+    float32 [B, H, D] or None. ``wgmma_order`` (with ``transpose``): the tokens of each 32 in the
+    FP8 kernel's P operand order (``_quantize_fp8``), N padded to whole blocks with zeros (the
+    returned tensor's width; its row stride tells the padded width to TMA)."""
     b, h, n, d = x.shape
     blocks = triton.cdiv(n, block_size)
     if wgmma_order and not transpose:
         raise ValueError("wgmma_order=True reorders the tokens of V^T: it needs transpose=True")
+    if int8 and transpose:
+        raise ValueError("int8=True is for q and k; the transposed V^T is e4m3 (pass int8=False)")
     if transpose:
         width = blocks * block_size if wgmma_order else triton.cdiv(n, 16) * 16  # 16-byte rows for TMA
         out = x.new_empty(b, h, d, width, dtype=FP8_DTYPE)[..., :width if wgmma_order else n]
         out_strides = (out.stride(0), out.stride(1), out.stride(3), out.stride(2))  # token, dim
     else:
-        out = x.new_empty(b, h, n, d, dtype=FP8_DTYPE)
+        out = x.new_empty(b, h, n, d, dtype=torch.int8 if int8 else FP8_DTYPE)
         out_strides = out.stride()
     scale = x.new_empty(b, h, blocks, dtype=torch.float32)
     with on_device(x):
@@ -44,7 +50,7 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
             x, x if center is None else center, out, scale,
             *x.stride(), *((0, 0, 0) if center is None else center.stride()), *out_strides, *scale.stride(),
             h, n, out.shape[-1] if transpose else n, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK=block_size,
-            HAS_CENTER=center is not None, WGMMA_ORDER=wgmma_order, FP8_MAX=FP8_MAX,
+            HAS_CENTER=center is not None, WGMMA_ORDER=wgmma_order, FP8_MAX=FP8_MAX, INT8=int8,
             num_warps=8,
         )
     return out, scale
@@ -52,13 +58,13 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
 
 def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               block_size: int) -> tuple[torch.Tensor, ...]:
-    """(q8, k8, v8t, q_scale, k_scale, v_scale, key_center) for the FP8 kernel: q and k e4m3
+    """(q8, k8, v8t, q_scale, k_scale, v_scale, key_center) for the FP8 kernel: q and k int8
     [B, H, N, D] (k minus key_center, its float32 mean [B, H, D]: scores shift by q . key_center
     per query, which the softmax ignores and a log-sum-exp must add back), v e4m3 [B, H, D, N
     padded to whole blocks] with each 32 tokens in the P operand order (``quantize_blocks``),
     block scales float32 [B, H, blocks]."""
     center = key.mean(dim=2, dtype=torch.float32)
-    q8, q_scale = quantize_blocks(query, block_size)
-    k8, k_scale = quantize_blocks(key, block_size, center=center)
+    q8, q_scale = quantize_blocks(query, block_size, int8=True)
+    k8, k_scale = quantize_blocks(key, block_size, center=center, int8=True)
     v8t, v_scale = quantize_blocks(value, block_size, transpose=True, wgmma_order=True)
     return q8, k8, v8t, q_scale, k_scale, v_scale, center
