@@ -167,24 +167,33 @@ def _rescaled(acc, alpha):
 
 
 @gluon.jit
-def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, key_limit,
-                 qk_scale_log2, s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr,
-                 STAGES: gl.constexpr, MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
+def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it,
+                 key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row,
+                 s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                 MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
     ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
     ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
-    this tile's P operand and rescale factor for the next step. P is written only after the
-    wait: it lives in the registers that the P V product in flight reads (a loop-carried value)."""
+    this tile's P as carried (``_carried_p``; a 16-bit P operand is written only after the wait:
+    it lives in the registers that the P V product in flight reads) and rescale factor for the
+    next step, and with FP8 the value scale acc is then in: the tile's scores take its key
+    block's scale, and the rescale factor moves acc into this tile's value units."""
+    tile_scale = qk_scale_log2
+    if FP8:
+        tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
+                                                v_scale_row)
     acc = _rescaled(acc, alpha_prev)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES, FP8)
     p_prev = _pv_operand(p_prev, v_smem.dtype, p_layout, FP8)
     acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES, FP8)
     s = _float_scores(warpgroup_mma_wait(1, deps=(s,)), FP8)  # the older of the two: S
-    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK, MASK_KEYS, P_LOG2_GAIN,
-                                       FP8)
+    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, tile_scale, BLOCK, MASK_KEYS, P_LOG2_GAIN, FP8)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha
+    if FP8:
+        alpha = alpha * (v_scale / tile_v_scale)
+        v_scale = tile_v_scale
+    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, v_scale
 
 
 @gluon.jit
@@ -240,26 +249,16 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
                                            tile_scale, BLOCK, True, P_LOG2_GAIN, FP8)
         p = _carried_p(p, v_smem.dtype, p_layout, FP8)
         for it in range(1, clean):
-            if FP8:
-                tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
-                                                        v_scale_row)
-            acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
-                                                   kv_empty, it, BLOCK, tile_scale, s_layout, p_layout, BLOCK,
-                                                   STAGES, False, FP8, P_LOG2_GAIN)
-            if FP8:  # acc moves into this tile's value units before its P V is added
-                alpha = alpha * (v_scale / tile_v_scale)
-                v_scale = tile_v_scale
+            acc, l_i, m_i, p, alpha, v_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
+                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout, BLOCK,
+                STAGES, False, FP8, P_LOG2_GAIN)
         for it in range(gl.maximum(clean, 1), count):
             tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
-            if FP8:
-                tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
-                                                        v_scale_row)
-            acc, l_i, m_i, p, alpha = _attend_tile(acc, l_i, m_i, p, alpha, q, k_smem, v_smem, k_ready, v_ready,
-                                                   kv_empty, it, tile_limit, tile_scale, s_layout, p_layout,
-                                                   BLOCK, STAGES, True, FP8, P_LOG2_GAIN)
-            if FP8:
-                alpha = alpha * (v_scale / tile_v_scale)
-                v_scale = tile_v_scale
+            acc, l_i, m_i, p, alpha, v_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, tile_limit,
+                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout, BLOCK,
+                STAGES, True, FP8, P_LOG2_GAIN)
         last = count - 1
         p = _pv_operand(p, v_smem.dtype, p_layout, FP8)
         acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES, FP8),))
