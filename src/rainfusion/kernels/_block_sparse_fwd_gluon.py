@@ -148,9 +148,9 @@ def _mma_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constex
 
 @gluon.jit
 def _carried_p(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
-    """A tile's P as carried to the next step: 16-bit, the P V operand; FP8, still float32 and
-    cast when its product is issued (``_pv_operand``): an 8-bit tensor carried through the loop
-    is split into bytes and packed again, 4 PRMT per register)."""
+    """A tile's P as carried to the next step: 16-bit, the P V operand; FP8, still float32, cast
+    when its product is issued (``_pv_operand``), as Triton splits an 8-bit tensor carried
+    through a loop into bytes and packs it again (4 PRMT per register)."""
     return p if FP8 else _mma_operand(p, dtype, p_layout, FP8)
 
 
@@ -294,7 +294,7 @@ def block_sparse_fwd_kernel(
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
     [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid
     int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. With FP8: q,
-    k e4m3 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
+    k int8 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
     tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
     scales float32 q [B, H, q_blocks] and k, v [B, H, kv_blocks] (unit block stride; the k and v
     ones share strides). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
