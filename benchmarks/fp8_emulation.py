@@ -18,7 +18,7 @@ import torch
 from rainfusion import RainFusion2Config
 from rainfusion.methods import plan_attention
 from rainfusion.reference import token_mask
-from rainfusion.tools.demo.analysis import capture_self_attention, layout_of
+from rainfusion.tools.demo.analysis import capture_self_attention
 from rainfusion.tools.demo.model import load_checkpoint
 from rainfusion.tools.demo.run import EMBEDDED
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.9)
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint, "cpu", torch.float32)
-    layout = layout_of(model)
+    layout = model.layout
     print(f"{'layer':<6}" + "".join(f"{name[:34]:>36}" for name in SCHEMES))
     for layer, (query, key, value) in enumerate(capture_self_attention(model, noise=args.noise)):
         scale = query.shape[-1] ** -0.5

@@ -146,12 +146,12 @@ def test_fp8_on_the_demo_models_attention_with_v2_masks():
     pytest.importorskip("diffusers")
     from rainfusion.backends import gather_tokens
     from rainfusion.methods import plan_attention
-    from rainfusion.tools.demo.analysis import capture_self_attention, layout_of
+    from rainfusion.tools.demo.analysis import capture_self_attention
     from rainfusion.tools.demo.model import load_checkpoint
     from rainfusion.tools.demo.run import EMBEDDED
 
     model = load_checkpoint(EMBEDDED, DEVICE, torch.bfloat16)
-    layout = layout_of(model)
+    layout = model.layout
     for layer, (query, key, value) in enumerate(capture_self_attention(model, noise=0.9, seed=0)):
         scale = query.shape[-1] ** -0.5
         plan = plan_attention(query, key, layout, RainFusion2Config(), scale)

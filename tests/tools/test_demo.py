@@ -147,6 +147,7 @@ def test_demo_command_on_a_small_checkpoint(tmp_path, capsys):
     report, videos = run_demo(path, variant_list=exact, clips=2, steps=3, log=lambda _: None)
     assert report["rows"][1]["psnr"] > 60 and report["rows"][1]["sparse_density"] == 1.0
     assert videos["v2 at 0"].shape == (2, 4, 64, 64, 3)
+    assert report["tokens"] == 4 * 8 * 8  # 64 px / 4 px per cell / patch 2, per frame
 
 
 def test_demo_bad_input_says_what_to_do(tmp_path, capsys):
@@ -199,13 +200,13 @@ def test_attention_analysis_matches_a_direct_computation(tmp_path):
     """Per layer and head: the frame-to-frame mass and the ARM verdict of the recorded q, k equal
     a direct float64 computation on the same q, k; one figure per layer."""
     from rainfusion.arm import recognise_heads
-    from rainfusion.tools.demo.analysis import analyse, capture_self_attention, layout_of, plot_layer
+    from rainfusion.tools.demo.analysis import analyse, capture_self_attention, plot_layer
 
     spec = VideoSpec(frames=3, size=32)  # 3 x 4 x 4 = 48 tokens
     model = DemoVideoModel(spec, TINY).eval()
     layers = analyse(model, noise=0.6, seed=1)
     assert len(layers) == TINY["num_layers"]
-    layout = layout_of(model)
+    layout = model.layout
     assert layout == VideoLayout(3, 4, 4)
     q, k, v = (t.double() for t in capture_self_attention(model, noise=0.6, seed=1)[1])  # the same forward, layer 1
     assert v.shape == q.shape
@@ -228,14 +229,14 @@ def test_attention_analysis_mask_recall_is_the_mass_inside_the_mask():
     """Mask recall per head equals the exact attention mass inside the predicted block mask,
     summed directly (raster order: 4 blocks of 64 tokens = one frame each), and the best recall
     the mass of each row's heaviest blocks at the same counts; all of it at sparsity 0."""
-    from rainfusion.tools.demo.analysis import analyse, capture_self_attention, layout_of
+    from rainfusion.tools.demo.analysis import analyse, capture_self_attention
 
     spec = VideoSpec(frames=4, size=64)  # 4 x 8 x 8 = 256 tokens
     model = DemoVideoModel(spec, TINY).eval()
     masks = {"v2": RainFusion2Config(sparsity=0.5, block_size=64, permutation="none", sink_first_frame=False),
              "v2 at 0": RainFusion2Config(sparsity=0.0, block_size=64)}
     layers = analyse(model, noise=0.3, seed=2, masks=masks)
-    layout = layout_of(model)
+    layout = model.layout
     for layer, (query, key, _) in zip(layers, capture_self_attention(model, noise=0.3, seed=2)):
         q, k = query[:1].double(), key[:1].double()
         probs = torch.softmax(q[0] @ k[0].transpose(-1, -2) / 8.0, -1)  # [H, N, N]

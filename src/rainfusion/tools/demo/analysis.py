@@ -28,7 +28,7 @@ from ...config import AnyConfig, RainFusion2Config, RainFusionConfig
 from ...config import PATTERN_NAMES
 from ...layout import VideoLayout
 from ...steps import AttentionState
-from .model import PIXELS_PER_CELL, DemoVideoModel, load_checkpoint, to_latents
+from .model import DemoVideoModel, load_checkpoint, to_latents
 from .videos import sample_videos
 
 
@@ -92,17 +92,12 @@ def mask_recall(query: torch.Tensor, key: torch.Tensor, probs: torch.Tensor, lay
     return inside.tolist(), best.tolist()
 
 
-def layout_of(model: DemoVideoModel) -> VideoLayout:
-    cells = model.spec.size // PIXELS_PER_CELL // model.transformer_config["patch_size"][1]
-    return VideoLayout(model.spec.frames, cells, cells)
-
-
 @torch.no_grad()
 def capture_self_attention(model: DemoVideoModel, *, noise: float = 0.5,
                            seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(q, k, v) [1, H, N, D] of every self-attention layer, in order, for one procedural clip
     noised to level ``noise`` (in the model's device and dtype)."""
-    layout = layout_of(model)
+    layout = model.layout
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
     videos, captions = sample_videos(1, model.spec, generator, device)
@@ -119,7 +114,7 @@ def analyse(model: DemoVideoModel, *, noise: float = 0.5, seed: int = 0, config:
             masks: dict[str, AnyConfig] = MASKS) -> list[LayerMaps]:
     """Per self-attention layer, the maps of one procedural clip noised to level ``noise``;
     ``config``: the ARM's; ``masks``: the methods whose mask recall is measured."""
-    layout = layout_of(model)
+    layout = model.layout
     config = config or RainFusionConfig(sink_first_frame=False)
     t, h, w = layout.frames, layout.height, layout.width
     layers = []

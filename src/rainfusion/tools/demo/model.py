@@ -15,6 +15,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from ...layout import VideoLayout
 from .videos import VOCAB, VideoSpec
 
 PIXELS_PER_CELL = 4  # space-to-depth factor along height and width
@@ -57,6 +58,12 @@ class DemoVideoModel(nn.Module):
         width = self.transformer_config["text_dim"]
         self.words = nn.Embedding(len(VOCAB), width)
         self.slots = nn.Parameter(0.02 * torch.randn(spec.caption_length, width))
+
+    @property
+    def layout(self) -> VideoLayout:
+        """The video tokens of its self-attention: frames x cells x cells."""
+        cells = self.spec.size // PIXELS_PER_CELL // self.transformer_config["patch_size"][1]
+        return VideoLayout(self.spec.frames, cells, cells)
 
     def text(self, captions: torch.Tensor) -> torch.Tensor:
         """Text tokens [B, L, text_dim] of captions int64 [B, L]."""
