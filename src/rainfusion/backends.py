@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._logging import log_once
+from ._logging import log_fp8_fallback, log_once
 from ._validation import check_precision
 from .mask import BlockSparseMask, key_padding_mask
 from .compensation import merge_with_estimate, skipped_block_estimate
@@ -110,7 +110,7 @@ def resolve_backend(backend: str, query: torch.Tensor, block_size: int, padded_k
             refusal = _fp8_refusal(query, block_size, grad)
             if refusal is None:
                 return "triton"
-            log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the native precision runs")
+            log_fp8_fallback(refusal)
     device = query.device
     if grad and backend in ("fa4", "triton"):
         raise ValueError(f"backend={backend!r} is forward only, and the inputs require grad: use backend='portable' "
@@ -185,7 +185,8 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: fl
 
 def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None,
-                     return_lse: bool = False, precision: str = "native") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False,
+                     precision: str = "native") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
     kv_valid_len int32 [B] or None (not with fa4); with ``return_lse`` also the natural
     log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key);

@@ -20,7 +20,7 @@ import torch
 import triton
 from triton.runtime import JITFunction
 
-from .._logging import log_once
+from .._logging import log_fp8_fallback, log_once
 from .._validation import check_kv_valid_len, check_precision, check_qkv
 from ..mask import BlockSparseMask, check_block_mask, num_blocks
 from . import _block_sparse_fwd
@@ -33,7 +33,6 @@ INTERPRETER_DTYPES = DTYPES + (torch.float32,)
 # (mask block, BLOCK_D) -> (BLOCK_Q query rows per program, BLOCK_N, num_warps, num_stages, maxnreg),
 # bf16/fp16. 128-token blocks chosen by benchmarks/kernel_sweep.py on an H100 (see benchmarks/NOTES.md);
 # 64-token blocks compiled for sm_90 without spills, not timed.
-FP8_STAGES = 3  # K/V ring stages of the FP8 Gluon kernel (32 KB each)
 _CONFIGS = {
     (128, 64): (128, 128, 8, 2, 128),
     (128, 128): (128, 64, 8, 2, 128),
@@ -74,6 +73,7 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 KERNELS = ("auto", "gluon", "triton")
 GLUON_HEAD_DIMS = (128,)
 FP8_HEAD_DIMS = (64, 128)  # the Gluon kernel's FP8 path: the only FP8 kernel, so at 64 too
+FP8_STAGES = 3  # K/V ring stages of the FP8 Gluon kernel (32 KB each)
 # Gluon's API moves between Triton releases (3.9 renamed the TMA copies it uses), so the kernel
 # runs only on the releases it was run and tested on (H100 and H200, Triton 3.6).
 GLUON_TRITON_RELEASES = ("3.6",)
@@ -110,7 +110,8 @@ def fp8_refusal(query: torch.Tensor, block_size: int) -> str | None:
     if not _gluon_case(query, block_size, FP8_HEAD_DIMS):
         return f"it runs on sm_90 (Hopper) GPUs with 128-token blocks and head dims {FP8_HEAD_DIMS}"
     if not gluon_tested_on(triton.__version__):
-        return f"it is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} only, and this is Triton {triton.__version__}"
+        return (f"it is tested on Triton {', '.join(GLUON_TRITON_RELEASES)} only, and this is Triton "
+                f"{triton.__version__}")
     return None
 
 
@@ -268,7 +269,7 @@ def block_sparse_attention_triton(
     if fp8 and (refusal := fp8_refusal(query, mask.block_size)):
         if kernel == "gluon":
             raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
-        log_once(f"rainfusion: precision='fp8' cannot run here ({refusal}); the native precision runs")
+        log_fp8_fallback(refusal)
         fp8 = False
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,

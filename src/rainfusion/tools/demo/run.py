@@ -100,8 +100,8 @@ def run_demo(checkpoint: str | Path, *, variant_list: list[Variant], clips: int 
             density=summary.mean_density, sparse_density=summary.sparse_density, overhead=summary.overhead,
             patterns=summary.patterns))
         log(format_row(rows[-1]))
-    report = dict(spec=vars(model.spec), tokens=model.layout.num_tokens, clips=clips, seed=seed, steps=steps, device=device,
-                  captions=[caption_text(c) for c in captions.cpu()], rows=rows)
+    report = dict(spec=vars(model.spec), tokens=model.layout.num_tokens, clips=clips, seed=seed, steps=steps,
+                  device=device, captions=[caption_text(c) for c in captions.cpu()], rows=rows)
     return report, videos
 
 

@@ -103,9 +103,8 @@ def main() -> None:
     spec = dataclasses.replace(init.spec if init else VideoSpec(),
                                **{k: v for k, v in dict(frames=args.frames, size=args.size).items() if v is not None})
     model, log = train(spec, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
-                       device=args.device,
-                       time_limit=args.time_limit, log_every=args.log_every, init=init, noise_shift=args.noise_shift,
-                       stop_at=args.stop_at)
+                       device=args.device, time_limit=args.time_limit, log_every=args.log_every, init=init,
+                       noise_shift=args.noise_shift, stop_at=args.stop_at)
     save_checkpoint(model, args.out)
     if args.preview:
         from PIL import Image
