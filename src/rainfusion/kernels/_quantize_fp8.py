@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_tokens", "out_rows"])
+@triton.jit(do_not_specialize=["num_tokens"])  # out_rows % 16 == 0 (V^T): 16-byte stores
 def quantize_blocks_kernel(
     # pointers: x [B, H, N, D]; center float32 [B, H, D] (read with HAS_CENTER); out e4m3 with
     # out_rows rows, [B, H, rows, D] or, through its strides, transposed; scale float32 [B, H, blocks]
