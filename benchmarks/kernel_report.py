@@ -21,7 +21,8 @@ from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block
 INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
 POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32",
-                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                 "ones_ptr": "*fp8e4nv"}
 
 
 def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, num_stages: int,

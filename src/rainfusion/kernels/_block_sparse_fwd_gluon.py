@@ -16,7 +16,9 @@ integer add (``_float_scores``) and scaled per tile by the q and k block scales 
 each); P is cast to e4m3 after exp2 with a gain of 2^8 (its largest entry 256, under e4m3's
 448; the gain cancels in out = acc / l), four values to a register at the P V issue; the
 per-block V scale is folded into the accumulator's rescale factor between tiles (acc holds sum
-P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile.
+P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile. The row
+sums l come from the tensor cores too: P times an [8, BLOCK] e4m3 ones tile (m64n8k32, every
+column the row sum of the very e4m3 P that P V takes) instead of 64 adds per thread and tile.
 
 Limits of this version: mask blocks and key tiles of 128, bf16/fp16 inputs; head dim
 128, and 64 (it compiles and is correct, but in bf16 the Triton kernel is faster there on an
@@ -42,11 +44,14 @@ def _kv_block(index_row, slot, stride_iw, is_full):
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-            index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-            FP8: gl.constexpr):
-    """Loader partition (one warp): the two halves of the query block, then K and V tiles (V^T
-    tiles [D, BLOCK] with FP8)."""
+def _loader(q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
+            kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr,
+            STAGES: gl.constexpr, FP8: gl.constexpr):
+    """Loader partition (one warp): with FP8 the ones tile (``_issue_row_sum``), the two halves
+    of the query block, then K and V tiles (V^T tiles [D, BLOCK] with FP8)."""
+    if FP8:
+        mbarrier.expect(ones_ready, ones_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(ones_desc, [0, 0], ones_ready, ones_smem)
     for half in gl.static_range(2):
         mbarrier.expect(q_ready.index(half), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_start + half * ROWS_PER_CONSUMER, 0], q_ready.index(half),
@@ -99,11 +104,25 @@ def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr, FP8: gl.constex
 
 
 @gluon.jit
+def _issue_row_sum(p, ones_smem, l_i):
+    """FP8: start P 1 [64, 8] (in the layout of l_i) with P the e4m3 P V operand and ones_smem the [8, BLOCK] ones
+    tile (asynchronous; every column is the tile's row sum of the P that P V takes). A fresh
+    accumulator per tile, added to l in registers: FP8 wgmma accumulates with ~14 bits, and
+    l summed in it over hundreds of tiles stalls (rel L2 1.8 at hunyuan-720p, H200). The ones
+    come by TMA: e4m3 written to shared memory from registers reads back wrong in wgmma
+    (Triton 3.6, H200)."""
+    l_layout: gl.constexpr = l_i.type.layout
+    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
+    return warpgroup_mma(gl.convert_layout(p, operand, assert_trivial=True), ones_smem.permute((1, 0)),
+                         gl.zeros([ROWS_PER_CONSUMER, 8], gl.float32, l_layout), use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr,
                   P_LOG2_GAIN: gl.constexpr, FP8: gl.constexpr):
     """Online softmax of scores s [64, BLOCK] (``_float_scores``): (P in float32, in place of s,
     times 2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m); keys at column >=
-    ``key_limit`` are masked."""
+    ``key_limit`` are masked. With FP8, l passes through (``_issue_row_sum`` sums it)."""
     if MASK_KEYS:
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
@@ -117,7 +136,8 @@ def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MA
         offset = offset + INT_SCORE_BIAS * qk_scale_log2
     p = gl.exp2(s * qk_scale_log2 - offset[:, None])
     alpha = gl.exp2(m_i - m_ref)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    if not FP8:
+        l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, l_i, m_new
 
 
@@ -167,33 +187,45 @@ def _rescaled(acc, alpha):
 
 
 @gluon.jit
-def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it,
-                 key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row,
+def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, acc_alpha_prev, v_scale, q, k_smem, v_smem, ones_smem, k_ready,
+                 v_ready, kv_empty, it, key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row,
                  s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
                  MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
-    ``it - 1`` (``alpha_prev``) and acc += P V of tile ``it - 1`` issued; then the softmax of tile
-    ``it`` runs (in float32, in the registers of S) while the P V product is in flight. Returns
-    this tile's P as carried (``_carried_p``; a 16-bit P operand is written only after the wait:
-    it lives in the registers that the P V product in flight reads) and rescale factor for the
-    next step, and with FP8 the value scale acc is then in: the tile's scores take its key
-    block's scale, and the rescale factor moves acc into this tile's value units."""
+    ``it - 1`` (``acc_alpha_prev``) and acc += P V of tile ``it - 1`` issued (with FP8 also its
+    row sums, added to l rescaled by ``alpha_prev``); then the softmax of tile ``it`` runs (in float32,
+    in the registers of S) while the products are in flight. Returns this tile's P as carried
+    (``_carried_p``; a 16-bit P operand is written only after the wait: it lives in the
+    registers that the P V product in flight reads), the rescale factors of l and acc for the
+    next step (the same without FP8) and with FP8 the value scale acc is then in: the tile's
+    scores take its key block's scale, and acc's rescale factor moves it into this tile's value
+    units."""
     tile_scale = qk_scale_log2
     if FP8:
         tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
                                                 v_scale_row)
-    acc = _rescaled(acc, alpha_prev)
+    acc = _rescaled(acc, acc_alpha_prev)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES, FP8)
     p_prev = _pv_operand(p_prev, v_smem.dtype, p_layout, FP8)
     acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES, FP8)
-    s = _float_scores(warpgroup_mma_wait(1, deps=(s,)), FP8)  # the older of the two: S
-    p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit, tile_scale, BLOCK, MASK_KEYS, P_LOG2_GAIN, FP8)
-    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
-    mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
     if FP8:
-        alpha = alpha * (v_scale / tile_v_scale)
+        row_sum = _issue_row_sum(p_prev, ones_smem, l_i)
+        s = warpgroup_mma_wait(2, deps=(s,))  # the oldest of the three: S
+    else:
+        s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
+    p, alpha, l_i, m_i = _softmax_step(_float_scores(s, FP8), m_i, l_i, key_limit, tile_scale, BLOCK, MASK_KEYS,
+                                       P_LOG2_GAIN, FP8)
+    if FP8:
+        acc, row_sum, p = warpgroup_mma_wait(0, deps=(acc, row_sum, p))
+        l_i = _rescaled(l_i, alpha_prev) + row_sum
+    else:
+        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+    mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
+    acc_alpha = alpha
+    if FP8:
+        acc_alpha = alpha * (v_scale / tile_v_scale)
         v_scale = tile_v_scale
-    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, v_scale
+    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, acc_alpha, v_scale
 
 
 @gluon.jit
@@ -215,8 +247,8 @@ def _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row, 
 
 
 @gluon.jit
-def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
-              stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
+              stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
               k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, FP8: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
@@ -232,7 +264,12 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if FP8 else 2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     m_i = gl.full([ROWS_PER_CONSUMER], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([ROWS_PER_CONSUMER], gl.float32, row_layout)
+    if FP8:  # l in each of the 8 columns of a product accumulator (``_issue_row_sum``)
+        l_i = gl.zeros([ROWS_PER_CONSUMER, 8], gl.float32, gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, INSTR_K]))
+        mbarrier.wait(ones_ready, 0)
+    else:
+        l_i = gl.zeros([ROWS_PER_CONSUMER], gl.float32, row_layout)
     acc = gl.zeros([ROWS_PER_CONSUMER, HEAD_DIM], gl.float32, o_layout)
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
@@ -248,21 +285,29 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK,
                                            tile_scale, BLOCK, True, P_LOG2_GAIN, FP8)
         p = _carried_p(p, v_smem.dtype, p_layout, FP8)
+        acc_alpha = alpha
         for it in range(1, clean):
-            acc, l_i, m_i, p, alpha, v_scale = _attend_tile(
-                acc, l_i, m_i, p, alpha, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, BLOCK,
-                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout, BLOCK,
-                STAGES, False, FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, acc_alpha, v_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, acc_alpha, v_scale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty,
+                it, BLOCK, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout,
+                BLOCK, STAGES, False, FP8, P_LOG2_GAIN)
         for it in range(gl.maximum(clean, 1), count):
             tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
-            acc, l_i, m_i, p, alpha, v_scale = _attend_tile(
-                acc, l_i, m_i, p, alpha, v_scale, q, k_smem, v_smem, k_ready, v_ready, kv_empty, it, tile_limit,
-                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout, BLOCK,
-                STAGES, True, FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, acc_alpha, v_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, acc_alpha, v_scale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty,
+                it, tile_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout,
+                p_layout, BLOCK, STAGES, True, FP8, P_LOG2_GAIN)
         last = count - 1
         p = _pv_operand(p, v_smem.dtype, p_layout, FP8)
-        acc = warpgroup_mma_wait(0, deps=(_issue_pv(p, _rescaled(acc, alpha), v_smem, v_ready, last, STAGES, FP8),))
+        acc = _issue_pv(p, _rescaled(acc, acc_alpha), v_smem, v_ready, last, STAGES, FP8)
+        if FP8:
+            acc, row_sum = warpgroup_mma_wait(0, deps=(acc, _issue_row_sum(p, ones_smem, l_i)))
+            l_i = _rescaled(l_i, alpha) + row_sum
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+    if FP8:
+        l_i = gl.max(l_i, 1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     empty = l_o == 0.0  # rows that saw no key output 0
     out = acc * (v_scale / gl.where(empty, 1.0, l_o))[:, None]
@@ -279,7 +324,7 @@ def _consumer(half, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
 def block_sparse_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    stride_qb, stride_qh, stride_qn,
+    ones_ptr, stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
@@ -297,7 +342,7 @@ def block_sparse_fwd_kernel(
     k int8 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
     tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
     scales float32 q [B, H, q_blocks] and k, v [B, H, kv_blocks] (unit block stride; the k and v
-    ones share strides). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
+    ones share strides); ones_ptr: an [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
     partitions add 5)."""
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -321,16 +366,25 @@ def block_sparse_fwd_kernel(
         v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[HEAD_DIM, stride_vn],
                                             strides=[stride_vn, 1], block_shape=[HEAD_DIM, BLOCK], layout=vt_layout)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
+        ones_desc = tma.make_tensor_descriptor(ones_ptr, shape=[8, BLOCK], strides=[BLOCK, 1], block_shape=[8, BLOCK],
+                                               layout=vt_layout)
+        ones_smem = gl.allocate_shared_memory(v_dtype, [8, BLOCK], vt_layout)
     else:
         v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
                                             strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
+        ones_desc, ones_smem = v_desc, v_smem  # (unused)
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS_PER_CONSUMER, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if FP8:
+        ones_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
+        mbarrier.init(ones_ready, count=1)
+    else:
+        ones_ready = q_ready.index(0)  # (unused)
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -352,12 +406,12 @@ def block_sparse_fwd_kernel(
     if FP8:
         qk_scale_log2 = qk_scale_log2 * gl.load(q_scale_ptr + b * stride_qsb + h * stride_qsh + row)
     gl.warp_specialize([
-        (_consumer, (0, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
-                     stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+        (_consumer, (0, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
+                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
                      k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
-        (_consumer, (1, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, out_base, stride_on, lse_base,
-                     stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
+        (_consumer, (1, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
+                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
                      k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-                   index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
+        (_loader, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
+                   kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
     ], [4, 1], [232, 40])

@@ -10,6 +10,7 @@ part, as SageAttention does); values are written transposed, [B, H, D, N], the l
 reads its second operand in.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -54,6 +55,21 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
             num_warps=8,
         )
     return out, scale
+
+
+def row_sum_ones(device: torch.device, block_size: int) -> torch.Tensor:
+    """The e4m3 [8, block_size] tile of ones the FP8 kernel multiplies P by for its row sums,
+    made once per device (and per call while a CUDA graph is captured, as a temporary of it)."""
+    if torch.cuda.is_current_stream_capturing():
+        return _ones(device, block_size)
+    return _cached_ones(device, block_size)
+
+
+def _ones(device: torch.device, block_size: int) -> torch.Tensor:
+    return torch.ones(8, block_size, device=device).to(FP8_DTYPE)
+
+
+_cached_ones = functools.lru_cache(maxsize=None)(_ones)
 
 
 def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
