@@ -3,8 +3,9 @@ its alternatives emulated in float64 with torch's e4m3 cast, on q, k, v captured
 model (v2 0.8 masks), against exact attention (issue 16).
 
 Each scheme rounds q and k (e4m3 or int8, one scale per 128-token block or per token), P (e4m3
-after a 2^8 gain) and v (e4m3 per block) as the kernel would, then computes in float64; the
-kernel's own scheme matches its H200 errors within about 0.002 (benchmarks/NOTES.md).
+after a 2^8 gain) and v (e4m3 per block) as the kernel f-v1 did, then computes in float64;
+that scheme matched its H200 errors within about 0.002 (benchmarks/NOTES.md). The kernel has
+since moved to int8 q, k (f-v2) and per-channel v scales (f-v5).
 
     python benchmarks/fp8_emulation.py [--checkpoint PATH] [--noise 0.9]
 """
@@ -26,7 +27,7 @@ BLOCK = 128
 # name -> (q and k format, q scale groups, k scale groups, P and v in e4m3)
 SCHEMES = {
     "exact q, k; e4m3 P, v": (None, None, None, True),
-    "e4m3 q, k per block (the kernel)": ("e4m3", "block", "block", True),
+    "e4m3 q, k per block (kernel f-v1)": ("e4m3", "block", "block", True),
     "e4m3 q, k per token": ("e4m3", "token", "token", True),
     "int8 q, k per block": ("int8", "block", "block", True),
     "int8 q per token, k per block": ("int8", "token", "block", True),

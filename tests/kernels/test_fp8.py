@@ -55,28 +55,36 @@ def test_int8_blocks_round_to_nearest():
         quantize_blocks(out, 128, int8=True, transpose=True)
 
 
-@pytest.mark.parametrize("n, d, block_size, centred, transposed, wgmma", [
-    (300, 64, 128, False, False, False), (257, 128, 64, True, True, False), (128, 96, 128, True, False, False),
-    (77, 128, 128, False, True, False), (300, 128, 128, False, True, True), (200, 64, 128, True, True, True)])
-def test_quantize_blocks_matches_a_torch_cast(n, d, block_size, centred, transposed, wgmma):
+@pytest.mark.parametrize("n, d, block_size, centred, transposed, wgmma, per_channel", [
+    (300, 64, 128, False, False, False, False), (257, 128, 64, True, True, False, False),
+    (128, 96, 128, True, False, False, False), (77, 128, 128, False, True, False, False),
+    (300, 128, 128, False, True, True, False), (200, 64, 128, True, True, True, False),
+    (300, 128, 128, False, True, True, True), (77, 96, 64, True, False, False, True)])
+def test_quantize_blocks_matches_a_torch_cast(n, d, block_size, centred, transposed, wgmma, per_channel):
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(2, 3, n, d, generator=g) * torch.rand(2, 3, n, 1, generator=g) * 5
+    x = torch.randn(2, 3, n, d, generator=g) * torch.rand(2, 3, n, 1, generator=g) * torch.rand(2, 3, 1, d, generator=g) * 5
     center = torch.randn(2, 3, d, generator=g) if centred else None
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     x = x.to(DEVICE, dtype)
-    out, scale = quantize_blocks(x, block_size, center=None if center is None else center.to(DEVICE),
-                                 transpose=transposed, wgmma_order=wgmma)
     want = x.float().cpu()
     if centred:
         want = want - center[:, :, None]
+    channel_scale = want.abs().amax(2) / FP8_MAX if per_channel else None  # (the value pre-pass's)
+    out, scale = quantize_blocks(x, block_size, center=None if center is None else center.to(DEVICE),
+                                 channel_scale=None if channel_scale is None else channel_scale.to(DEVICE),
+                                 transpose=transposed, wgmma_order=wgmma)
     blocks = -(-n // block_size)
     padded = torch.zeros(2, 3, blocks * block_size, d)
     padded[:, :, :n] = want
-    want_scale = padded.view(2, 3, blocks, block_size, d).abs().amax((-1, -2)) / FP8_MAX
-    torch.testing.assert_close(scale.cpu(), want_scale, rtol=1e-6, atol=0)
+    if per_channel:  # returned as given; each channel divided by its scale
+        torch.testing.assert_close(scale.cpu(), channel_scale, rtol=0, atol=0)
+        divisor = channel_scale[:, :, None, :]
+    else:
+        want_scale = padded.view(2, 3, blocks, block_size, d).abs().amax((-1, -2)) / FP8_MAX
+        torch.testing.assert_close(scale.cpu(), want_scale, rtol=1e-6, atol=0)
+        divisor = scale.cpu().repeat_interleave(block_size, -1)[..., :n, None]
     assert out.dtype == FP8_DTYPE
-    per_token = scale.cpu().repeat_interleave(block_size, -1)[..., :n, None]
-    cast = (want * (1.0 / per_token)).to(FP8_DTYPE).float()
+    cast = (want * (1.0 / divisor)).to(FP8_DTYPE).float()
     if transposed:
         width = blocks * block_size if wgmma else n
         assert out.shape == (2, 3, d, width) and out.stride(-1) == 1 and out.stride(-2) % 16 == 0

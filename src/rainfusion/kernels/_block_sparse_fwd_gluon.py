@@ -8,17 +8,17 @@ barrier in the loop). A stage is refilled once both consumers have released it. 
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
 P V product runs (3 stages, as a stage is released one tile later).
 
-With FP8 (``precision="fp8"``), q and k come as int8 and v as e4m3, each with one scale per
-128-token block (``fp8.quantize_blocks``: q and k [B, H, N, D], v transposed to [B, H, D, N],
-wgmma's 8-bit operands being K-major, its tokens reordered within each 32 so that P needs no
-shuffle to become the operand). Q K^T runs as s8 wgmma into int32 scores, made float by an
-integer add (``_float_scores``) and scaled per tile by the q and k block scales (one scalar
-each); P is cast to e4m3 after exp2 with a gain of 2^8 (its largest entry 256, under e4m3's
-448; the gain cancels in out = acc / l), four values to a register at the P V issue; the
-per-block V scale is folded into the accumulator's rescale factor between tiles (acc holds sum
-P V / sv of the last tile; out = acc * sv_last / l), so it costs one multiply per tile. The row
-sums l come from the tensor cores too: P times an [8, BLOCK] e4m3 ones tile (m64n8k32, every
-column the row sum of the very e4m3 P that P V takes) instead of 64 adds per thread and tile.
+With FP8 (``precision="fp8"``), q and k come as int8 with one scale per 128-token block and
+v as e4m3 with one scale per channel (``fp8.quantize_attention_inputs``: q and k [B, H, N, D],
+v transposed to [B, H, D, N], wgmma's 8-bit operands being K-major, its tokens reordered
+within each 32 so that P needs no shuffle to become the operand). Q K^T runs as s8 wgmma into
+int32 scores, made float by an integer add (``_float_scores``) and scaled per tile by the q
+and k block scales (one scalar each); P is cast to e4m3 after exp2 with a gain of 2^8 (its
+largest entry 256, under e4m3's 448; the gain cancels in out = acc / l), four values to a
+register at the P V issue; the V channel scales multiply the output once. The row sums l
+come from the tensor cores too: P times an [8, BLOCK] e4m3 ones tile (m64n8k32, every column
+the row sum of the very e4m3 P that P V takes) instead of 64 adds per thread and tile; and the
+running max is lazy (``_softmax_step``), so most tiles skip the 64 multiplies of rescaling acc.
 
 Limits of this version: mask blocks and key tiles of 128, bf16/fp16 inputs; head dim
 128, and 64 (it compiles and is correct, but in bf16 the Triton kernel is faster there on an
@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 ROWS_PER_CONSUMER = gl.constexpr(64)  # query rows of each consumer warpgroup
 P_LOG2_GAIN_FP8 = gl.constexpr(8.0)  # with FP8, P = exp2(s - m + 8) in (0, 256]
 INT_SCORE_BIAS = gl.constexpr(12582912.0)  # 1.5 * 2^23 (``_float_scores``)
+RESCALE_SLACK_FP8 = gl.constexpr(0.8)  # log2 units: P <= 2^(8 + 0.8) = 446 < 448 (``_softmax_step``)
 
 
 @gluon.jit
@@ -121,8 +122,12 @@ def _issue_row_sum(p, ones_smem, l_i):
 def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MASK_KEYS: gl.constexpr,
                   P_LOG2_GAIN: gl.constexpr, FP8: gl.constexpr):
     """Online softmax of scores s [64, BLOCK] (``_float_scores``): (P in float32, in place of s,
-    times 2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m); keys at column >=
-    ``key_limit`` are masked. With FP8, l passes through (``_issue_row_sum`` sums it)."""
+    times 2^P_LOG2_GAIN; the rescale factor of the accumulator; l; m; whether acc must be
+    rescaled); keys at column >= ``key_limit`` are masked. With FP8, l passes through
+    (``_issue_row_sum`` sums it) and m is lazy, as in FA4: it moves only when some row of the
+    warp exceeds it by more than RESCALE_SLACK_FP8 (then every row of the warp takes its own
+    max), so most tiles leave acc as it is (alpha 1, ``rescale`` 0: int32 [64], one value per
+    warp, ``_warp_any``) and P stays under e4m3's 448."""
     if MASK_KEYS:
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s.type.layout))
         s = gl.where((cols < key_limit)[None, :], s, float("-inf"))
@@ -130,6 +135,10 @@ def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MA
     if FP8:  # the scores' bias (``_float_scores``) comes off the row max and the row offset
         row_max = row_max - INT_SCORE_BIAS
     m_new = gl.maximum(m_i, row_max * qk_scale_log2)
+    rescale = True
+    if FP8:
+        rescale = _warp_any((m_new > m_i + RESCALE_SLACK_FP8).to(gl.int32))
+        m_new = gl.where(rescale != 0, m_new, m_i)
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
     offset = m_ref - P_LOG2_GAIN
     if FP8:
@@ -138,7 +147,7 @@ def _softmax_step(s, m_i, l_i, key_limit, qk_scale_log2, BLOCK: gl.constexpr, MA
     alpha = gl.exp2(m_i - m_ref)
     if not FP8:
         l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, l_i, m_new
+    return p, alpha, l_i, m_new, rescale
 
 
 @gluon.jit
@@ -187,24 +196,68 @@ def _rescaled(acc, alpha):
 
 
 @gluon.jit
-def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, acc_alpha_prev, v_scale, q, k_smem, v_smem, ones_smem, k_ready,
-                 v_ready, kv_empty, it, key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row,
+def _warp_any(flag):
+    """int32 [64] in the scores' row layout -> 1 in every row of a warp where any of its rows has
+    a nonzero flag, else 0 (a warp vote; each thread holds two rows). Gluon branches only on
+    values uniform over the partition, and a reduction over the warpgroup's rows costs 5
+    barriers per tile (FP8 at hunyuan-720p: 218 ms against 201 with no lazy rescale)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.ne.b32 p, $2, 0; setp.ne.b32 q, $3, 0; or.pred p, p, q; "
+        "vote.sync.any.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; mov.b32 $1, $0; }",
+        "=r,=r,r,r", [flag], dtype=gl.int32, is_pure=False, pack=2)
+
+
+def _rescale_asm(count: int) -> str:
+    """PTX: ``count`` accumulator registers (outputs tied to inputs) multiplied by their rows'
+    factors unless the warp's flag (the first flag operand) is 0, branched over as a warp."""
+    muls = " ".join(f"mul.f32 ${i}, ${count + i}, ${2 * count + i};" for i in range(count))
+    return f"{{ .reg .pred p; setp.eq.b32 p, ${3 * count}, 0; @p bra.uni skip; {muls} skip: }}"
+
+
+def _rescale_constraints(count: int) -> str:
+    """Outputs, the accumulators tied to them, then the factors and flags."""
+    return ",".join(["=r"] * count + [str(i) for i in range(count)] + ["r"] * (2 * count))
+
+
+# HEAD_DIM 64 and 128: 32 and 64 accumulators per thread
+RESCALE_ASM_32, RESCALE_ASM_64 = gl.constexpr(_rescale_asm(32)), gl.constexpr(_rescale_asm(64))
+RESCALE_CONSTRAINTS_32 = gl.constexpr(_rescale_constraints(32))
+RESCALE_CONSTRAINTS_64 = gl.constexpr(_rescale_constraints(64))
+
+
+@gluon.jit
+def _lazily_rescaled(acc, alpha, rescale, FP8: gl.constexpr):
+    """acc rescaled by alpha (``_rescaled``); with FP8 only in the warps whose ``rescale`` is 1
+    (``_softmax_step``): the 64 multiplies per thread are branched over, not predicated."""
+    if FP8:
+        count: gl.constexpr = acc.shape[0] * acc.shape[1] // 128
+        rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        acc = gl.inline_asm_elementwise(
+            RESCALE_ASM_64 if count == 64 else RESCALE_ASM_32,
+            RESCALE_CONSTRAINTS_64 if count == 64 else RESCALE_CONSTRAINTS_32,
+            [acc, gl.convert_layout(alpha, rows)[:, None], gl.convert_layout(rescale, rows)[:, None]],
+            dtype=gl.float32, is_pure=True, pack=count)
+    else:
+        acc = _rescaled(acc, alpha)
+    return acc
+
+
+@gluon.jit
+def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, rescale_prev, q, k_smem, v_smem, ones_smem, k_ready, v_ready,
+                 kv_empty, it, key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row,
                  s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
                  MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
-    ``it - 1`` (``acc_alpha_prev``) and acc += P V of tile ``it - 1`` issued (with FP8 also its
-    row sums, added to l rescaled by ``alpha_prev``); then the softmax of tile ``it`` runs (in float32,
-    in the registers of S) while the products are in flight. Returns this tile's P as carried
-    (``_carried_p``; a 16-bit P operand is written only after the wait: it lives in the
-    registers that the P V product in flight reads), the rescale factors of l and acc for the
-    next step (the same without FP8) and with FP8 the value scale acc is then in: the tile's
-    scores take its key block's scale, and acc's rescale factor moves it into this tile's value
-    units."""
+    ``it - 1`` (by ``alpha_prev``, where ``rescale_prev``) and acc += P V of tile ``it - 1``
+    issued (with FP8 also its row sums, added to l rescaled by ``alpha_prev``); then the softmax
+    of tile ``it`` runs (in float32, in the registers of S) while the products are in flight.
+    Returns this tile's P as carried (``_carried_p``; a 16-bit P operand is written only after
+    the wait: it lives in the registers that the P V product in flight reads) and rescale
+    factor and flag for the next step; with FP8 the tile's scores take its key block's scale."""
     tile_scale = qk_scale_log2
     if FP8:
-        tile_scale, tile_v_scale = _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row,
-                                                v_scale_row)
-    acc = _rescaled(acc, acc_alpha_prev)
+        tile_scale = _tile_score_scale(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row)
+    acc = _lazily_rescaled(acc, alpha_prev, rescale_prev, FP8)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES, FP8)
     p_prev = _pv_operand(p_prev, v_smem.dtype, p_layout, FP8)
     acc = _issue_pv(p_prev, acc, v_smem, v_ready, it - 1, STAGES, FP8)
@@ -213,19 +266,15 @@ def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, acc_alpha_prev, v_scale, q, 
         s = warpgroup_mma_wait(2, deps=(s,))  # the oldest of the three: S
     else:
         s = warpgroup_mma_wait(1, deps=(s,))  # the older of the two: S
-    p, alpha, l_i, m_i = _softmax_step(_float_scores(s, FP8), m_i, l_i, key_limit, tile_scale, BLOCK, MASK_KEYS,
-                                       P_LOG2_GAIN, FP8)
+    p, alpha, l_i, m_i, rescale = _softmax_step(_float_scores(s, FP8), m_i, l_i, key_limit, tile_scale, BLOCK,
+                                                MASK_KEYS, P_LOG2_GAIN, FP8)
     if FP8:
         acc, row_sum, p = warpgroup_mma_wait(0, deps=(acc, row_sum, p))
         l_i = _rescaled(l_i, alpha_prev) + row_sum
     else:
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    acc_alpha = alpha
-    if FP8:
-        acc_alpha = alpha * (v_scale / tile_v_scale)
-        v_scale = tile_v_scale
-    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, acc_alpha, v_scale
+    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, rescale
 
 
 @gluon.jit
@@ -239,11 +288,9 @@ def _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK: gl.c
 
 
 @gluon.jit
-def _tile_scales(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row, v_scale_row):
-    """FP8: (the score scale of tile ``it``: qk_scale_log2 times its key block's scale; its
-    value block's scale)."""
-    block = _kv_block(index_row, it, stride_iw, is_full)
-    return qk_scale_log2 * gl.load(k_scale_row + block), gl.load(v_scale_row + block)
+def _tile_score_scale(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row):
+    """FP8: the score scale of tile ``it``, qk_scale_log2 times its key block's scale."""
+    return qk_scale_log2 * gl.load(k_scale_row + _kv_block(index_row, it, stride_iw, is_full))
 
 
 @gluon.jit
@@ -253,8 +300,8 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
               RETURN_LSE: gl.constexpr, FP8: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
     positions >= ``key_limit`` are masked out (only in the tiles that reach it). With FP8,
-    qk_scale_log2 includes the query block's scale and k_scale_row / v_scale_row point at the
-    head's key and value block scales."""
+    qk_scale_log2 includes the query block's scale, k_scale_row points at the head's key block
+    scales and v_scale_row at its value channel scales (applied to the output)."""
     INSTR_K: gl.constexpr = 32 if FP8 else 16  # the wgmma K of 8- and 16-bit operands
     P_LOG2_GAIN: gl.constexpr = P_LOG2_GAIN_FP8 if FP8 else 0.0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -274,32 +321,30 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
     mbarrier.wait(q_ready.index(half), 0)
     q = q_smem.index(half)
     tile_scale = qk_scale_log2
-    v_scale = 1.0  # FP8: the value block scale of the last tile taken (acc is in its units)
     if count > 0:  # (an empty row reads no table entry: the table may have width 0)
         clean = _unmasked_tiles(index_row, stride_iw, count, is_full, key_limit, BLOCK)
         if FP8:
-            tile_scale, v_scale = _tile_scales(index_row, stride_iw, is_full, 0, qk_scale_log2, k_scale_row,
-                                               v_scale_row)
+            tile_scale = _tile_score_scale(index_row, stride_iw, is_full, 0, qk_scale_log2, k_scale_row)
         s = warpgroup_mma_wait(0, deps=(_issue_qk(q, k_smem, k_ready, 0, s_layout, BLOCK, STAGES, FP8),))
         s = _float_scores(s, FP8)
-        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK,
-                                           tile_scale, BLOCK, True, P_LOG2_GAIN, FP8)
+        p, alpha, l_i, m_i, rescale = _softmax_step(
+            s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK, tile_scale, BLOCK, True,
+            P_LOG2_GAIN, FP8)
         p = _carried_p(p, v_smem.dtype, p_layout, FP8)
-        acc_alpha = alpha
         for it in range(1, clean):
-            acc, l_i, m_i, p, alpha, acc_alpha, v_scale = _attend_tile(
-                acc, l_i, m_i, p, alpha, acc_alpha, v_scale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty,
-                it, BLOCK, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout, p_layout,
-                BLOCK, STAGES, False, FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, rescale = _attend_tile(
+                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it, BLOCK,
+                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout, BLOCK, STAGES, False,
+                FP8, P_LOG2_GAIN)
         for it in range(gl.maximum(clean, 1), count):
             tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
-            acc, l_i, m_i, p, alpha, acc_alpha, v_scale = _attend_tile(
-                acc, l_i, m_i, p, alpha, acc_alpha, v_scale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty,
-                it, tile_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, v_scale_row, s_layout,
-                p_layout, BLOCK, STAGES, True, FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, rescale = _attend_tile(
+                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it,
+                tile_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout, BLOCK,
+                STAGES, True, FP8, P_LOG2_GAIN)
         last = count - 1
         p = _pv_operand(p, v_smem.dtype, p_layout, FP8)
-        acc = _issue_pv(p, _rescaled(acc, acc_alpha), v_smem, v_ready, last, STAGES, FP8)
+        acc = _issue_pv(p, _lazily_rescaled(acc, alpha, rescale, FP8), v_smem, v_ready, last, STAGES, FP8)
         if FP8:
             acc, row_sum = warpgroup_mma_wait(0, deps=(acc, _issue_row_sum(p, ones_smem, l_i)))
             l_i = _rescaled(l_i, alpha) + row_sum
@@ -310,9 +355,11 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
         l_i = gl.max(l_i, 1)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     empty = l_o == 0.0  # rows that saw no key output 0
-    out = acc * (v_scale / gl.where(empty, 1.0, l_o))[:, None]
+    out = acc * (1.0 / gl.where(empty, 1.0, l_o))[:, None]
     rows = q_start + half * ROWS_PER_CONSUMER + gl.arange(0, ROWS_PER_CONSUMER, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if FP8:
+        out = out * gl.load(v_scale_row + cols)[None, :]
     ptrs = out_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :]
     gl.store(ptrs, out.to(out_base.dtype.element_ty), mask=(rows < q_len)[:, None])
     if RETURN_LSE:
@@ -331,7 +378,7 @@ def block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_ln,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_iw,
-    stride_qsb, stride_qsh, stride_kvsb, stride_kvsh,
+    stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_vsb, stride_vsh,
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
     HAS_KV_VALID: gl.constexpr, FP8: gl.constexpr,
@@ -341,9 +388,9 @@ def block_sparse_fwd_kernel(
     int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. With FP8: q,
     k int8 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
     tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
-    scales float32 q [B, H, q_blocks] and k, v [B, H, kv_blocks] (unit block stride; the k and v
-    ones share strides); ones_ptr: an [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
-    partitions add 5)."""
+    scales float32 q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel
+    [B, H, D] (unit stride); ones_ptr: an [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``).
+    Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = (pid_bh // num_heads).to(gl.int64)
@@ -401,8 +448,8 @@ def block_sparse_fwd_kernel(
         key_limit = gl.minimum(kv_len, gl.load(kv_valid_ptr + b))
     out_base = out_ptr + b * stride_ob + h * stride_oh
     lse_base = lse_ptr + b * stride_lb + h * stride_lh
-    k_scale_row = k_scale_ptr + b * stride_kvsb + h * stride_kvsh
-    v_scale_row = v_scale_ptr + b * stride_kvsb + h * stride_kvsh
+    k_scale_row = k_scale_ptr + b * stride_ksb + h * stride_ksh
+    v_scale_row = v_scale_ptr + b * stride_vsb + h * stride_vsh
     if FP8:
         qk_scale_log2 = qk_scale_log2 * gl.load(q_scale_ptr + b * stride_qsb + h * stride_qsh + row)
     gl.warp_specialize([

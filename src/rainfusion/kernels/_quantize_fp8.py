@@ -1,4 +1,5 @@
-"""Block quantization to FP8 e4m3 (the Triton kernel only): one scale per block of tokens."""
+"""Quantization to FP8 e4m3 or int8 (the Triton kernel only): one scale per block of tokens, or
+a given one per channel."""
 
 import triton
 import triton.language as tl
@@ -6,21 +7,24 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["num_tokens"])  # out_rows % 16 == 0 (V^T): 16-byte stores
 def quantize_blocks_kernel(
-    # pointers: x [B, H, N, D]; center float32 [B, H, D] (read with HAS_CENTER); out e4m3 with
-    # out_rows rows, [B, H, rows, D] or, through its strides, transposed; scale float32 [B, H, blocks]
-    x_ptr, center_ptr, out_ptr, scale_ptr,
+    # pointers: x [B, H, N, D]; center float32 [B, H, D] (read with HAS_CENTER); channel_scale
+    # float32 [B, H, D] (read with CHANNEL_SCALE); out e4m3 with out_rows rows, [B, H, rows, D] or,
+    # through its strides, transposed; scale float32 [B, H, blocks] (written without CHANNEL_SCALE)
+    x_ptr, center_ptr, channel_scale_ptr, out_ptr, scale_ptr,
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_cb, stride_ch, stride_cd,
+    stride_csb, stride_csh, stride_csd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_sb, stride_sh, stride_sn,
     num_heads, num_tokens, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_CENTER: tl.constexpr,
     WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr, INT8: tl.constexpr = False,
+    CHANNEL_SCALE: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK), B * H). Each program reads one block of BLOCK positions (fp32 in
     registers, the center subtracted), takes its largest magnitude, and writes the block divided
     by scale = amax / FP8_MAX (1 for an all-zero block) in e4m3, rounded to nearest, and the
-    scale. Output row p holds position p, or with WGMMA_ORDER position 8a + 2t + b of its chunk of
+    scale; with CHANNEL_SCALE, divided by the given scale of each channel instead. Output row p holds position p, or with WGMMA_ORDER position 8a + 2t + b of its chunk of
     32 where p = 16(a // 2) + 4t + 2(a % 2) + b (the FP8 kernel's P operand order); positions
     >= num_tokens are read as 0, rows >= out_rows are not written."""
     pid_bh = tl.program_id(1)
@@ -39,9 +43,15 @@ def quantize_blocks_kernel(
     if HAS_CENTER:
         center = tl.load(center_ptr + b * stride_cb + h * stride_ch + cols * stride_cd, mask=cols < HEAD_DIM, other=0.0)
         x = tl.where(ok, x - center[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    top: tl.constexpr = 127.0 if INT8 else FP8_MAX
-    scale = tl.where(amax > 0, amax / top, 1.0)
+    if CHANNEL_SCALE:
+        channel_scale = tl.load(channel_scale_ptr + b * stride_csb + h * stride_csh + cols * stride_csd,
+                                mask=cols < HEAD_DIM, other=1.0)
+        x = x * (1.0 / channel_scale)[None, :]
+        scale = 1.0
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        top: tl.constexpr = 127.0 if INT8 else FP8_MAX
+        scale = tl.where(amax > 0, amax / top, 1.0)
     if INT8:  # rounded to nearest (halves away from zero), within [-127, 127]
         scaled = x * (1.0 / scale)
         rounded = tl.where(scaled >= 0, tl.floor(scaled + 0.5), -tl.floor(0.5 - scaled))
@@ -50,4 +60,5 @@ def quantize_blocks_kernel(
         quantized = (x * (1.0 / scale)).to(tl.float8e4nv)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + cols[None, :] * stride_od,
              quantized, mask=(rows < out_rows)[:, None] & (cols < HEAD_DIM)[None, :])
-    tl.store(scale_ptr + b * stride_sb + h * stride_sh + block * stride_sn, scale)
+    if not CHANNEL_SCALE:
+        tl.store(scale_ptr + b * stride_sb + h * stride_sh + block * stride_sn, scale)

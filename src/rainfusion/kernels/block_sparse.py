@@ -192,6 +192,7 @@ def _block_sparse_attention_op(
             *v_strides, out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
             *(q_scale.stride()[:2] if fp8 else (0, 0)), *(k_scale.stride()[:2] if fp8 else (0, 0)),
+            *(v_scale.stride()[:2] if fp8 else (0, 0)),
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
             HEAD_DIM=d, BLOCK=block_size, STAGES=FP8_STAGES if fp8 else 3, RETURN_LSE=return_lse,
             HAS_KV_VALID=kv_valid is not None, FP8=fp8, num_warps=4,

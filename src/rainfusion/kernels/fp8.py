@@ -1,13 +1,14 @@
-"""8-bit inputs of the block-sparse kernel (``precision="fp8"``): one pre-pass per tensor, one
-scale per block of tokens: q and k int8 (SageAttention's choice: 3x more accurate scores than
-e4m3 on the demo model's sharpest layer, at the FP8 rate on Hopper; benchmarks/fp8_emulation.py),
-v e4m3.
+"""8-bit inputs of the block-sparse kernel (``precision="fp8"``): one pre-pass per tensor. q
+and k int8 with one scale per block of tokens (SageAttention's choice: 3x more accurate scores
+than e4m3 on the demo model's sharpest layer, at the FP8 rate on Hopper;
+benchmarks/fp8_emulation.py), v e4m3 with one scale per channel (it multiplies the kernel's
+output once, so the kernel's loop carries no value scale and can skip most rescales).
 
-``quantize_blocks`` reads x once and writes int8 or e4m3 with one float32 scale per block; keys
-are centred first (minus their mean over all tokens: softmax is unchanged by a per-query
-shift, and the quantization error then scales with how keys differ, not with their common
-part, as SageAttention does); values are written transposed, [B, H, D, N], the layout FP8 wgmma
-reads its second operand in.
+``quantize_blocks`` reads x once and writes int8 or e4m3 with one float32 scale per block (or
+divided by given channel scales); keys are centred first (minus their mean over all tokens:
+softmax is unchanged by a per-query shift, and the quantization error then scales with how
+keys differ, not with their common part, as SageAttention does); values are written
+transposed, [B, H, D, N], the layout FP8 wgmma reads its second operand in.
 """
 
 import functools
@@ -24,12 +25,13 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.Tensor] = None,
-                    transpose: bool = False, wgmma_order: bool = False,
+                    channel_scale: Optional[torch.Tensor] = None, transpose: bool = False, wgmma_order: bool = False,
                     int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, N, D] (any strides, bf16 / fp16 / fp32) -> (e4m3 [B, H, N, D] (``int8``: int8,
     rounded to nearest, block max -> 127), or with ``transpose`` [B, H, D, N], and scales
     float32 [B, H, ceil(N / block_size)]) with x - center ~ out * scale per block. center:
-    float32 [B, H, D] or None. ``wgmma_order`` (with ``transpose``): the tokens of each 32 in the
+    float32 [B, H, D] or None. channel_scale: float32 [B, H, D] (positive) or None: x ~ out *
+    channel_scale per channel instead, and it is returned as the scales. ``wgmma_order`` (with ``transpose``): the tokens of each 32 in the
     FP8 kernel's P operand order (``_quantize_fp8``), N padded to whole blocks with zeros (the
     returned tensor's width; its row stride tells the padded width to TMA)."""
     b, h, n, d = x.shape
@@ -45,14 +47,16 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
     else:
         out = x.new_empty(b, h, n, d, dtype=torch.int8 if int8 else FP8_DTYPE)
         out_strides = out.stride()
-    scale = x.new_empty(b, h, blocks, dtype=torch.float32)
+    scale = x.new_empty(b, h, blocks, dtype=torch.float32) if channel_scale is None else channel_scale
     with on_device(x):
         _quantize_fp8.quantize_blocks_kernel[(blocks, b * h)](
-            x, x if center is None else center, out, scale,
-            *x.stride(), *((0, 0, 0) if center is None else center.stride()), *out_strides, *scale.stride(),
+            x, x if center is None else center, x if channel_scale is None else channel_scale, out, scale,
+            *x.stride(), *((0, 0, 0) if center is None else center.stride()),
+            *((0, 0, 0) if channel_scale is None else channel_scale.stride()), *out_strides,
+            *((0, 0, 0) if channel_scale is not None else scale.stride()),
             h, n, out.shape[-1] if transpose else n, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK=block_size,
             HAS_CENTER=center is not None, WGMMA_ORDER=wgmma_order, FP8_MAX=FP8_MAX, INT8=int8,
-            num_warps=8,
+            CHANNEL_SCALE=channel_scale is not None, num_warps=8,
         )
     return out, scale
 
@@ -77,10 +81,12 @@ def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: tor
     """(q8, k8, v8t, q_scale, k_scale, v_scale, key_center) for the FP8 kernel: q and k int8
     [B, H, N, D] (k minus key_center, its float32 mean [B, H, D]: scores shift by q . key_center
     per query, which the softmax ignores and a log-sum-exp must add back), v e4m3 [B, H, D, N
-    padded to whole blocks] with each 32 tokens in the P operand order (``quantize_blocks``),
-    block scales float32 [B, H, blocks]."""
+    padded to whole blocks] with each 32 tokens in the P operand order (``quantize_blocks``); block
+    scales float32 [B, H, blocks] for q and k, channel scales float32 [B, H, D] for v."""
     center = key.mean(dim=2, dtype=torch.float32)
+    v_amax = torch.linalg.vector_norm(value, float("inf"), dim=2, dtype=torch.float32)
+    v_scale = torch.where(v_amax > 0, v_amax / FP8_MAX, 1.0)
     q8, q_scale = quantize_blocks(query, block_size, int8=True)
     k8, k_scale = quantize_blocks(key, block_size, center=center, int8=True)
-    v8t, v_scale = quantize_blocks(value, block_size, transpose=True, wgmma_order=True)
+    v8t, v_scale = quantize_blocks(value, block_size, channel_scale=v_scale, transpose=True, wgmma_order=True)
     return q8, k8, v8t, q_scale, k_scale, v_scale, center
