@@ -14,7 +14,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the precisions of block-sparse attention's products: "native" (the inputs' dtype) or "fp8"
-# (int8 q, k and e4m3 P, v with per-block scales, on Hopper's Gluon kernel)
+# (int8 q, k with per-block scales and e4m3 P, v, on Hopper's Gluon kernel)
 PRECISIONS = ("native", "fp8")
 
 

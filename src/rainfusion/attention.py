@@ -33,8 +33,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     are padding and ignored (e.g. padded text); checking it reads one value on the host. Returns
     [B, H, Nq, D] in the input dtype (float64 computed in float64). Query rows that see no key
     give 0. Differentiable on the ``portable`` backend (see ``backends``). ``precision``: "native"
-    (products in the inputs' dtype) or "fp8" (opt-in: int8 q, k and e4m3 P, v with per-block scales
-    on Hopper's Gluon kernel; elsewhere native, logged once).
+    (products in the inputs' dtype) or "fp8" (opt-in: int8 q, k with per-block scales and e4m3 P,
+    v on Hopper's Gluon kernel; elsewhere native, logged once).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(block_mask, query, key)

@@ -58,8 +58,8 @@ class RainFusionConfig:
     compensate: add the skipped key blocks back as an estimate from their block means, merged
         exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
     precision: "native" (products in the inputs' dtype) or "fp8" (the sparse steps' block-sparse
-        attention in 8 bits: int8 q, k and e4m3 P, v with per-block scales, on Hopper; elsewhere
-        native, logged once; the dense warm-up stays native).
+        attention in 8 bits: int8 q, k with per-block scales and e4m3 P, v, v scaled per channel,
+        on Hopper; elsewhere native, logged once; the dense warm-up stays native).
     """
 
     sparsity: float = 0.5
@@ -131,8 +131,8 @@ class RainFusion2Config:
     compensate: add the skipped key blocks back as an estimate from their block means, merged
         exactly through the log-sum-exp (``compensation``; costs 1 / block_size of dense attention).
     precision: "native" (products in the inputs' dtype) or "fp8" (the sparse steps' block-sparse
-        attention in 8 bits: int8 q, k and e4m3 P, v with per-block scales, on Hopper; elsewhere
-        native, logged once; the dense warm-up stays native).
+        attention in 8 bits: int8 q, k with per-block scales and e4m3 P, v, v scaled per channel,
+        on Hopper; elsewhere native, logged once; the dense warm-up stays native).
     """
 
     sparsity: float = 0.8

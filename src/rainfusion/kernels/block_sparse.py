@@ -254,7 +254,7 @@ def block_sparse_attention_triton(
     natural log-sum-exp of the scaled scores, float32 [B, H, Nq] (-inf for empty rows).
     ``kernel``: "auto" (the Gluon kernel where it applies, on sm_90; else the Triton one), "gluon"
     (a ValueError where it cannot run) or "triton". ``precision``: "native" (products in the
-    inputs' dtype) or "fp8" (the Gluon kernel on int8 q, k and e4m3 P, v with per-block scales, see
+    inputs' dtype) or "fp8" (the Gluon kernel on int8 q, k with per-block scales and e4m3 P, v, see
     ``fp8``; where it cannot run, the native kernels, logged once; not with kernel="triton").
     """
     check_qkv(query, key, value)
