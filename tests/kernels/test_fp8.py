@@ -62,7 +62,8 @@ def test_int8_blocks_round_to_nearest():
     (300, 128, 128, False, True, True, True), (77, 96, 64, True, False, False, True)])
 def test_quantize_blocks_matches_a_torch_cast(n, d, block_size, centred, transposed, wgmma, per_channel):
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(2, 3, n, d, generator=g) * torch.rand(2, 3, n, 1, generator=g) * torch.rand(2, 3, 1, d, generator=g) * 5
+    token_gain, channel_gain = torch.rand(2, 3, n, 1, generator=g), torch.rand(2, 3, 1, d, generator=g)
+    x = torch.randn(2, 3, n, d, generator=g) * token_gain * channel_gain * 5
     center = torch.randn(2, 3, d, generator=g) if centred else None
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     x = x.to(DEVICE, dtype)

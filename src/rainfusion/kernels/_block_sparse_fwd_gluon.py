@@ -6,7 +6,7 @@ two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmm
 only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
 barrier in the loop). A stage is refilled once both consumers have released it. Each consumer
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
-P V product runs (3 stages, as a stage is released one tile later).
+P V product runs (3 stages, as a stage is released one tile later; 4 with FP8).
 
 With FP8 (``precision="fp8"``), q and k come as int8 with one scale per 128-token block and
 v as e4m3 with one scale per channel (``fp8.quantize_attention_inputs``: q and k [B, H, N, D],
@@ -106,8 +106,9 @@ def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr, FP8: gl.constex
 
 @gluon.jit
 def _issue_row_sum(p, ones_smem, l_i):
-    """FP8: start P 1 [64, 8] (in the layout of l_i) with P the e4m3 P V operand and ones_smem the [8, BLOCK] ones
-    tile (asynchronous; every column is the tile's row sum of the P that P V takes). A fresh
+    """FP8: start P 1 [64, 8] (in the layout of l_i), P the e4m3 P V operand and ones_smem the
+    [8, BLOCK] ones tile (asynchronous; every column is the tile's row sum of the P that P V
+    takes). A fresh
     accumulator per tile, added to l in registers: FP8 wgmma accumulates with ~14 bits, and
     l summed in it over hundreds of tiles stalls (rel L2 1.8 at hunyuan-720p, H200). The ones
     come by TMA: e4m3 written to shared memory from registers reads back wrong in wgmma
@@ -228,7 +229,8 @@ RESCALE_CONSTRAINTS_64 = gl.constexpr(_rescale_constraints(64))
 @gluon.jit
 def _lazily_rescaled(acc, alpha, rescale, FP8: gl.constexpr):
     """acc rescaled by alpha (``_rescaled``); with FP8 only in the warps whose ``rescale`` is 1
-    (``_softmax_step``): the 64 multiplies per thread are branched over, not predicated."""
+    (``_softmax_step``): the multiplies (64 per thread at head dim 128) are branched over, not
+    predicated."""
     if FP8:
         count: gl.constexpr = acc.shape[0] * acc.shape[1] // 128
         rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
@@ -295,8 +297,8 @@ def _tile_score_scale(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_
 
 @gluon.jit
 def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-              stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-              k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
+              qk_scale_log2, k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               RETURN_LSE: gl.constexpr, FP8: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
     positions >= ``key_limit`` are masked out (only in the tiles that reach it). With FP8,
@@ -454,11 +456,11 @@ def block_sparse_fwd_kernel(
         qk_scale_log2 = qk_scale_log2 * gl.load(q_scale_ptr + b * stride_qsb + h * stride_qsh + row)
     gl.warp_specialize([
         (_consumer, (0, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-                     k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
+                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
+                     qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
         (_consumer, (1, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit, qk_scale_log2,
-                     k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
+                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
+                     qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
                    kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
     ], [4, 1], [232, 40])

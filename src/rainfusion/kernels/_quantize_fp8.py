@@ -24,9 +24,10 @@ def quantize_blocks_kernel(
     """Grid: (cdiv(N, BLOCK), B * H). Each program reads one block of BLOCK positions (fp32 in
     registers, the center subtracted), takes its largest magnitude, and writes the block divided
     by scale = amax / FP8_MAX (1 for an all-zero block) in e4m3, rounded to nearest, and the
-    scale; with CHANNEL_SCALE, divided by the given scale of each channel instead. Output row p holds position p, or with WGMMA_ORDER position 8a + 2t + b of its chunk of
-    32 where p = 16(a // 2) + 4t + 2(a % 2) + b (the FP8 kernel's P operand order); positions
-    >= num_tokens are read as 0, rows >= out_rows are not written."""
+    scale; with CHANNEL_SCALE, divided by the given scale of each channel instead. Output row p
+    holds position p, or with WGMMA_ORDER position 8a + 2t + b of its chunk of 32 where p =
+    16(a // 2) + 4t + 2(a % 2) + b (the FP8 kernel's P operand order); positions >= num_tokens
+    are read as 0, rows >= out_rows are not written."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)

@@ -31,9 +31,10 @@ def quantize_blocks(x: torch.Tensor, block_size: int, *, center: Optional[torch.
     rounded to nearest, block max -> 127), or with ``transpose`` [B, H, D, N], and scales
     float32 [B, H, ceil(N / block_size)]) with x - center ~ out * scale per block. center:
     float32 [B, H, D] or None. channel_scale: float32 [B, H, D] (positive) or None: x ~ out *
-    channel_scale per channel instead, and it is returned as the scales. ``wgmma_order`` (with ``transpose``): the tokens of each 32 in the
-    FP8 kernel's P operand order (``_quantize_fp8``), N padded to whole blocks with zeros (the
-    returned tensor's width; its row stride tells the padded width to TMA)."""
+    channel_scale per channel instead, and it is returned as the scales. ``wgmma_order`` (with
+    ``transpose``): the tokens of each 32 in the FP8 kernel's P operand order
+    (``_quantize_fp8``), N padded to whole blocks with zeros (the returned tensor's width; its
+    row stride tells the padded width to TMA)."""
     b, h, n, d = x.shape
     blocks = triton.cdiv(n, block_size)
     if wgmma_order and not transpose:
