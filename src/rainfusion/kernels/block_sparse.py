@@ -127,7 +127,6 @@ def _use_gluon(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bloc
         if _gluon_case(query, block_size):
             log_once(f"rainfusion: the Gluon kernel for Hopper cannot run ({refusal}); the slower Triton kernel runs")
         return False
-    triton.set_allocator(_descriptor_scratch)
     return True
 
 
@@ -172,10 +171,10 @@ def _block_sparse_attention_op(
     if fp8 or _use_gluon(query, key, value, block_size, kernel):
         from . import _block_sparse_fwd_gluon
 
+        triton.set_allocator(_descriptor_scratch)  # its in-kernel TMA descriptors
         if fp8:
             from .fp8 import quantize_attention_inputs, row_sum_ones
 
-            triton.set_allocator(_descriptor_scratch)
             q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
                 query, key, value, block_size)
             v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(2))  # V^T [B, H, D, Nk]: rows along D
