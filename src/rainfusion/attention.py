@@ -121,12 +121,13 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                        state is not None and state.profile, query.device)
         cache = MaskCache(cache_key, sparse_step, plan)
     plan = cache.plan
-    permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
     # trailing text stays at the end in every token order: the padding is still a suffix
     if config.compensate:
+        permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
         permuted_out = _compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision)
-    else:
-        permuted_out = run_block_sparse(name, *permuted, plan.mask, scale, kv_valid_len, precision=config.precision)
+    else:  # (the backend gathers the tokens: the triton one with FP8 within its quantization)
+        permuted_out = run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len,
+                                        precision=config.precision, token_order=plan.order)
     out = gather_tokens(permuted_out, plan.inverse)
     if state is not None:
         state.cache = cache

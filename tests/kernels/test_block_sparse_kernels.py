@@ -123,6 +123,28 @@ def test_matches_reference(b, q_len, kv_len, d, block_size, dtype, kernel):
     assert torch.equal(attend(q, k, v, mask, kernel), out)
 
 
+@pytest.mark.parametrize("b, n, d, per_head, kernel", with_kernels([
+    (1, 300, 64, False), (2, 257, 128, True),
+], shape=lambda b, n, d, per_head: (d, 128)))
+def test_token_order_attends_the_gathered_tokens(b, n, d, per_head, kernel):
+    """token_order (one order, or one per head; tails): the output is bitwise that of the
+    gathered q, k, v, with lse and valid-key limits; malformed orders are refused."""
+    q, k, v = qkv(b, 2, n, n, d, case_dtype(torch.float32), seed=n)
+    g = torch.Generator().manual_seed(n)
+    order = (torch.stack([torch.randperm(n, generator=g) for _ in range(b * 2)]).view(b, 2, n) if per_head
+             else torch.randperm(n, generator=g)).to(DEVICE)
+    gathered = [torch.gather(t, 2, order.expand(b, 2, n)[..., None].expand(-1, -1, -1, d)) for t in (q, k, v)]
+    mask = block_mask(b, 2, n, n, 128, seed=n)
+    kv_valid_len = torch.full((b,), n - 40, dtype=torch.int32, device=DEVICE)
+    out, lse = attend(q, k, v, mask, kernel, return_lse=True, kv_valid_len=kv_valid_len, token_order=order)
+    want, want_lse = attend(*gathered, mask, kernel, return_lse=True, kv_valid_len=kv_valid_len)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(TypeError, match="token_order must be an int64 tensor"):
+        attend(q, k, v, mask, kernel, token_order=order.int())
+    with pytest.raises(ValueError, match=r"token_order must be \[N\] or \[B, H, N\] with N = Nq = Nk"):
+        attend(q, k, v, mask, kernel, token_order=order[..., :-1])
+
+
 @pytest.mark.parametrize("n, d, block_size, counts, kernel", with_kernels([
     (300, 64, 64, [5, 0, 5, 0, 0]),
     (600, 128, 128, [5, 0, 5, 0, 5]),

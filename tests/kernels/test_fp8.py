@@ -102,6 +102,41 @@ def test_quantize_blocks_matches_a_torch_cast(n, d, block_size, centred, transpo
     assert same >= (0.999 if ON_GPU else 0.95), float(same)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_quantize_blocks_with_a_token_order_is_that_of_the_gathered_tokens(per_head):
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 3, 300, 64, generator=g) * 3).to(DEVICE, torch.bfloat16 if ON_GPU else torch.float32)
+    order = (torch.stack([torch.randperm(300, generator=g) for _ in range(6)]).view(2, 3, 300) if per_head
+             else torch.randperm(300, generator=g)).to(DEVICE)
+    gathered = torch.gather(x, 2, order.expand(2, 3, 300)[..., None].expand(-1, -1, -1, 64))
+    center = torch.randn(2, 3, 64, generator=g).to(DEVICE)
+    for kwargs in (dict(int8=True), dict(center=center, int8=True),
+                   dict(channel_scale=gathered.float().abs().amax(2) / FP8_MAX, transpose=True, wgmma_order=True)):
+        out, scale = quantize_blocks(x, 128, token_order=order, **kwargs)
+        want, want_scale = quantize_blocks(gathered, 128, **kwargs)
+        assert torch.equal(out.view(torch.int8), want.view(torch.int8)) and torch.equal(scale, want_scale), kwargs
+    with pytest.raises(ValueError, match="token_order must be int64"):
+        quantize_blocks(x, 128, token_order=order[..., :-1], int8=True)
+
+
+@pytest.mark.gpu
+@needs_fp8
+def test_fp8_with_a_token_order_is_fp8_of_the_gathered_tokens():
+    # the gather fused into the pre-pass: the same 8-bit operands but for the key mean, which
+    # torch sums in another order over the gathered keys
+    q, k, v = qkv(1, 4, 1000, 1000, 128, torch.bfloat16, seed=8)
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    gathered = [t[:, :, order] for t in (q, k, v)]
+    mask = block_mask(1, 4, 1000, 1000, 128, density=0.6, seed=8)
+    out, lse = block_sparse_attention_triton(q, k, v, mask, scale=128 ** -0.5, return_lse=True, precision="fp8",
+                                             token_order=order)
+    want, want_lse = block_sparse_attention_triton(*gathered, mask, scale=128 ** -0.5, return_lse=True,
+                                                   precision="fp8")
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert relative_l2(out, want) < 1e-3 and (lse - want_lse)[~empty].abs().max() < 1e-3
+
+
 def _errors(q, k, v, mask, scale, kv_valid_len=None):
     """(fp8 rel L2, native rel L2, fp8 cosine) against the float64 oracle."""
     want, _ = reference(q, k, v, mask, scale, kv_valid_len)

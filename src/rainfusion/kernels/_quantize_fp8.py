@@ -7,11 +7,14 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["num_tokens"])  # out_rows % 16 == 0 (V^T): 16-byte stores
 def quantize_blocks_kernel(
-    # pointers: x [B, H, N, D]; center float32 [B, H, D] (read with HAS_CENTER); channel_scale
-    # float32 [B, H, D] (read with CHANNEL_SCALE); out e4m3 with out_rows rows, [B, H, rows, D] or,
-    # through its strides, transposed; scale float32 [B, H, blocks] (written without CHANNEL_SCALE)
-    x_ptr, center_ptr, channel_scale_ptr, out_ptr, scale_ptr,
+    # pointers: x [B, H, N, D]; token_index int64 [B, H, N] (read with HAS_INDEX: out row i is
+    # x's token token_index[b, h, i]); center float32 [B, H, D] (read with HAS_CENTER);
+    # channel_scale float32 [B, H, D] (read with CHANNEL_SCALE); out e4m3 with out_rows rows,
+    # [B, H, rows, D] or, through its strides, transposed; scale float32 [B, H, blocks] (written
+    # without CHANNEL_SCALE)
+    x_ptr, token_index_ptr, center_ptr, channel_scale_ptr, out_ptr, scale_ptr,
     stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_tb, stride_th, stride_tn,
     stride_cb, stride_ch, stride_cd,
     stride_csb, stride_csh, stride_csd,
     stride_ob, stride_oh, stride_on, stride_od,
@@ -19,7 +22,7 @@ def quantize_blocks_kernel(
     num_heads, num_tokens, out_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_CENTER: tl.constexpr,
     WGMMA_ORDER: tl.constexpr, FP8_MAX: tl.constexpr, INT8: tl.constexpr = False,
-    CHANNEL_SCALE: tl.constexpr = False,
+    CHANNEL_SCALE: tl.constexpr = False, HAS_INDEX: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK), B * H). Each program reads one block of BLOCK positions (fp32 in
     registers, the center subtracted), takes its largest magnitude, and writes the block divided
@@ -39,7 +42,11 @@ def quantize_blocks_kernel(
         positions = rows - within + 8 * (2 * (within // 16) + (within % 4) // 2) + 2 * ((within % 16) // 4) + within % 2
     cols = tl.arange(0, BLOCK_D)
     ok = (positions < num_tokens)[:, None] & (cols < HEAD_DIM)[None, :]
-    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + positions[:, None] * stride_xn + cols[None, :] * stride_xd,
+    tokens = positions
+    if HAS_INDEX:  # the permutation gather, fused: position p reads token token_index[p]
+        tokens = tl.load(token_index_ptr + b * stride_tb + h * stride_th + positions * stride_tn,
+                         mask=positions < num_tokens, other=0)
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + tokens[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=ok, other=0.0).to(tl.float32)
     if HAS_CENTER:
         center = tl.load(center_ptr + b * stride_cb + h * stride_ch + cols * stride_cd, mask=cols < HEAD_DIM, other=0.0)

@@ -24,6 +24,7 @@ from .._logging import log_fp8_fallback, log_once
 from .._validation import check_kv_valid_len, check_precision, check_qkv
 from ..mask import BlockSparseMask, check_block_mask, num_blocks
 from . import _block_sparse_fwd
+from .gather_rows import gather_rows_triton
 from .memory import empty_like_layout, on_device
 
 HEAD_DIMS = (64, 96, 128)
@@ -154,11 +155,13 @@ def _block_sparse_attention_op(
     return_lse: bool,
     kernel: str,
     fp8: bool = False,
+    token_order: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
     ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable);
-    ``fp8``: the Gluon kernel on 8-bit copies (the caller checked ``fp8_refusal``).
+    ``fp8``: the Gluon kernel on 8-bit copies (the caller checked ``fp8_refusal``), with
+    ``token_order`` (int64 [N] or [B, H, N], only with fp8) of q, k, v's tokens in that order.
     Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
@@ -176,7 +179,7 @@ def _block_sparse_attention_op(
             from .fp8 import quantize_attention_inputs, row_sum_ones
 
             q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
-                query, key, value, block_size)
+                query, key, value, block_size, token_order)
             v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(2))  # V^T [B, H, D, Nk]: rows along D
             ones = row_sum_ones(query.device, block_size)
         else:  # (q stands in for the pointers of the absent scales and ones)
@@ -197,7 +200,8 @@ def _block_sparse_attention_op(
             HAS_KV_VALID=kv_valid is not None, FP8=fp8, num_warps=4,
         )
         if fp8 and return_lse:  # the scores were of the centred keys: add q . key_center back
-            lse += scale * (query @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()
+            q_rows = query if token_order is None else gather_rows_triton(query, token_order)
+            lse += scale * (q_rows @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
     _block_sparse_fwd.block_sparse_fwd_kernel[grid](
@@ -213,7 +217,8 @@ def _block_sparse_attention_op(
 
 
 @_block_sparse_attention_op.register_fake
-def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel, fp8=False):
+def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel, fp8=False,
+      token_order=None):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -243,6 +248,7 @@ def block_sparse_attention_triton(
     return_lse: bool = False,
     kernel: str = "auto",
     precision: str = "native",
+    token_order: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
 
@@ -255,6 +261,9 @@ def block_sparse_attention_triton(
     (a ValueError where it cannot run) or "triton". ``precision``: "native" (products in the
     inputs' dtype) or "fp8" (the Gluon kernel on int8 q, k with per-block scales and e4m3 P, v, see
     ``fp8``; where it cannot run, the native kernels, logged once; not with kernel="triton").
+    ``token_order``: int64 [N] or [B, H, N] (N = Nq = Nk) or None: attention of the tokens taken
+    in that order (q, k, v gathered with it; ``mask``, ``kv_valid_len`` and the output are in
+    it); with FP8 the gather is fused into the quantization pre-pass, else a row gather runs.
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
@@ -272,7 +281,24 @@ def block_sparse_attention_triton(
             raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
         log_fp8_fallback(refusal)
         fp8 = False
+    if token_order is not None:
+        _check_token_order(token_order, query, key)
+        if not fp8:
+            query, key, value = (gather_rows_triton(t, token_order) for t in (query, key, value))
+            token_order = None
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
-                                              mask.block_size, float(scale), return_lse, kernel, fp8)
+                                              mask.block_size, float(scale), return_lse, kernel, fp8, token_order)
     return (out, lse) if return_lse else out
+
+
+def _check_token_order(token_order: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+    """token_order: int64 [N] or [B, H, N] on the inputs' device, N = Nq = Nk."""
+    if not isinstance(token_order, torch.Tensor) or token_order.dtype != torch.int64:
+        raise TypeError(f"token_order must be an int64 tensor, got {getattr(token_order, 'dtype', type(token_order))}")
+    n = query.shape[2]
+    shapes = ((n,), (*query.shape[:2], n))
+    if key.shape[2] != n or tuple(token_order.shape) not in shapes or token_order.device != query.device:
+        raise ValueError(f"token_order must be [N] or [B, H, N] with N = Nq = Nk on {query.device} (one order of the "
+                         f"tokens of q, k and v), got {tuple(token_order.shape)} on {token_order.device} for "
+                         f"Nq={n}, Nk={key.shape[2]}; gather the tensors yourself for other cases")
