@@ -6,7 +6,7 @@ two consumer warpgroups of 64 query rows each. Each consumer issues its own wgmm
 only on them, so one warpgroup's softmax runs under the other's matrix work (no CTA-wide
 barrier in the loop). A stage is refilled once both consumers have released it. Each consumer
 pipelines its loop as FA3 does: the scores of a tile are computed while the previous tile's
-P V product runs (3 stages, as a stage is released one tile later; 4 with FP8).
+P V product runs (3 stages, as a stage is released one tile later; 5 with FP8).
 
 With FP8 (``precision="fp8"``), q and k come as int8 with one scale per 128-token block and
 v as e4m3 with one scale per channel (``fp8.quantize_attention_inputs``: q and k [B, H, N, D],
@@ -246,7 +246,7 @@ def _lazily_rescaled(acc, alpha, rescale, FP8: gl.constexpr):
 
 @gluon.jit
 def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, rescale_prev, q, k_smem, v_smem, ones_smem, k_ready, v_ready,
-                 kv_empty, it, key_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row,
+                 kv_empty, it, count, key_limit, tile_scale, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row,
                  s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
                  MASK_KEYS: gl.constexpr, FP8: gl.constexpr, P_LOG2_GAIN: gl.constexpr):
     """FA3's in-warpgroup pipelining: S of tile ``it`` is issued, acc is rescaled for tile
@@ -255,10 +255,13 @@ def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, rescale_prev, q, k_smem, v_s
     of tile ``it`` runs (in float32, in the registers of S) while the products are in flight.
     Returns this tile's P as carried (``_carried_p``; a 16-bit P operand is written only after
     the wait: it lives in the registers that the P V product in flight reads) and rescale
-    factor and flag for the next step; with FP8 the tile's scores take its key block's scale."""
-    tile_scale = qk_scale_log2
+    factor and flag for the next step. With FP8 the tile's scores take ``tile_scale`` (its key
+    block's, loaded by the previous step) and the next tile's is loaded here, a step ahead of
+    its use: its table entry and scale are two dependent loads."""
+    next_scale = tile_scale
     if FP8:
-        tile_scale = _tile_score_scale(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_row)
+        next_scale = _tile_score_scale(index_row, stride_iw, is_full, gl.minimum(it + 1, count - 1), qk_scale_log2,
+                                       k_scale_row)
     acc = _lazily_rescaled(acc, alpha_prev, rescale_prev, FP8)
     s = _issue_qk(q, k_smem, k_ready, it, s_layout, BLOCK, STAGES, FP8)
     p_prev = _pv_operand(p_prev, v_smem.dtype, p_layout, FP8)
@@ -276,7 +279,7 @@ def _attend_tile(acc, l_i, m_i, p_prev, alpha_prev, rescale_prev, q, k_smem, v_s
     else:
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index((it - 1) % STAGES), count=1)
-    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, rescale
+    return acc, l_i, m_i, _carried_p(p, v_smem.dtype, p_layout, FP8), alpha, rescale, next_scale
 
 
 @gluon.jit
@@ -333,17 +336,20 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
             s, m_i, l_i, key_limit - _kv_block(index_row, 0, stride_iw, is_full) * BLOCK, tile_scale, BLOCK, True,
             P_LOG2_GAIN, FP8)
         p = _carried_p(p, v_smem.dtype, p_layout, FP8)
+        if FP8:  # the first step's tile (``_attend_tile`` loads each next one)
+            tile_scale = _tile_score_scale(index_row, stride_iw, is_full, gl.minimum(1, count - 1), qk_scale_log2,
+                                           k_scale_row)
         for it in range(1, clean):
-            acc, l_i, m_i, p, alpha, rescale = _attend_tile(
-                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it, BLOCK,
-                qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout, BLOCK, STAGES, False,
-                FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, rescale, tile_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it, count,
+                BLOCK, tile_scale, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout, BLOCK,
+                STAGES, False, FP8, P_LOG2_GAIN)
         for it in range(gl.maximum(clean, 1), count):
             tile_limit = key_limit - _kv_block(index_row, it, stride_iw, is_full) * BLOCK
-            acc, l_i, m_i, p, alpha, rescale = _attend_tile(
-                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it,
-                tile_limit, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout, BLOCK,
-                STAGES, True, FP8, P_LOG2_GAIN)
+            acc, l_i, m_i, p, alpha, rescale, tile_scale = _attend_tile(
+                acc, l_i, m_i, p, alpha, rescale, q, k_smem, v_smem, ones_smem, k_ready, v_ready, kv_empty, it, count,
+                tile_limit, tile_scale, qk_scale_log2, index_row, stride_iw, is_full, k_scale_row, s_layout, p_layout,
+                BLOCK, STAGES, True, FP8, P_LOG2_GAIN)
         last = count - 1
         p = _pv_operand(p, v_smem.dtype, p_layout, FP8)
         acc = _issue_pv(p, _lazily_rescaled(acc, alpha, rescale, FP8), v_smem, v_ready, last, STAGES, FP8)
