@@ -18,8 +18,8 @@ gradient, for which ``auto`` picks ``portable`` (logged once). Under ``torch.no_
 ``torch.inference_mode()`` nothing needs a gradient.
 
 Dense work (warm-up steps, dense layers) goes to ``dense_attention``: FA4 dense where it applies,
-else PyTorch SDPA. Token permutations (``gather_tokens``) and v2's block means (``block_means``)
-run on Triton kernels on CUDA, PyTorch elsewhere.
+else PyTorch SDPA. Token permutations (``gather_tokens``), v2's block means (``block_means``) and
+its top-N selection (``predict_from_means``) run on Triton kernels on CUDA, PyTorch elsewhere.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._logging import log_fp8_fallback, log_once
 from ._validation import check_precision
-from .mask import BlockSparseMask, key_padding_mask
 from .compensation import merge_with_estimate, skipped_block_estimate
+from .config import RainFusion2Config
+from .mask import BlockSparseMask, key_padding_mask
+from .permutation import dense_block_range
 from .portable import block_sparse_attention_portable
-from .predictor import block_means as block_means_torch
+from .predictor import block_budget, block_means as block_means_torch, predict_from_means as predict_from_means_torch
 
 BACKENDS = ("auto", "fa4", "triton", "portable")
 # head dims where ``auto`` prefers FA4's block-sparse call to our kernel: on an H200 (CogVideoX
@@ -234,6 +236,28 @@ def block_means(x: torch.Tensor, block_size: int, index: torch.Tensor | None = N
 
         return block_means_triton(x, block_size, index)
     return block_means_torch(x if index is None else x.index_select(2, index), block_size)
+
+
+def predict_from_means(q_mean: torch.Tensor, k_mean: torch.Tensor, *, seq_len: int, num_dense: int,
+                       num_dense_tail: int = 0, config: RainFusion2Config, scale: float) -> BlockSparseMask:
+    """``predictor.predict_from_means`` (block means float32 [B, H, blocks, D] of the permuted
+    query and key). On CUDA with ``selection="topk"`` the selection runs in one Triton kernel
+    instead of a softmax and two sorts (``kernels.top_blocks``): the same mask but for ties, as
+    it ranks by the scores and torch by their softmax, whose float32 values can tie."""
+    blocks = q_mean.shape[2]
+    if q_mean.is_cuda and triton_available() and config.selection == "topk":
+        from .kernels.top_blocks import MAX_BLOCKS, top_blocks_triton
+
+        if blocks <= MAX_BLOCKS:
+            head, tail_start = dense_block_range(seq_len, num_dense, num_dense_tail, config.block_size)
+            width = block_budget(blocks, head, tail_start, config)[2]
+            counts, indices = top_blocks_triton(q_mean @ k_mean.transpose(-1, -2), width, head, tail_start,
+                                                config.force_diagonal, scale)
+            return BlockSparseMask(counts, indices, seq_len, seq_len, config.block_size, check=False)
+        log_once(f"v2's mask over {blocks} key blocks is selected by torch's sorts: the Triton selection "
+                 f"holds at most {MAX_BLOCKS} in registers")
+    return predict_from_means_torch(q_mean, k_mean, seq_len=seq_len, num_dense=num_dense,
+                                    num_dense_tail=num_dense_tail, config=config, scale=scale)
 
 
 def compensate_skipped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockSparseMask,

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from .arm import arm_fractions, recognise_heads
-from .backends import block_means
+from .backends import block_means, predict_from_means
 from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
 from .layout import VideoLayout
 from .mask import BlockSparseMask
 from .permutation import token_order
-from .predictor import predict_from_means
 
 
 @dataclass(frozen=True)
