@@ -230,6 +230,36 @@ def test_fp8_log_sum_exp_and_large_scores():
     assert torch.isfinite(big).all()
 
 
+@pytest.mark.gpu
+@needs_fp8
+def test_fp8_in_a_cuda_graph_replays_the_eager_output():
+    """A CUDA graph captured before the ones tile was ever cached: the capture makes its own
+    (the cache stays empty, so no cached tensor lives in the graph's pool) and two replays on new
+    inputs give the eager FP8 outputs bitwise, eager calls after it included."""
+    from rainfusion.kernels import fp8
+
+    n = 600
+    q, k, v = qkv(1, 2, n, n, 128, torch.bfloat16, seed=7)
+    mask = block_mask(1, 2, n, n, 128, density=0.5, seed=7)
+    attend = lambda: block_sparse_attention(q, k, v, mask, backend="triton", precision="fp8")  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        attend()
+    torch.cuda.current_stream().wait_stream(stream)
+    fp8._cached_ones.cache_clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend()
+    assert fp8._cached_ones.cache_info().currsize == 0
+    for seed in (8, 9):
+        for static, fresh in zip((q, k, v), qkv(1, 2, n, n, 128, torch.bfloat16, seed=seed)):
+            static.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, attend())
+
+
 def test_fp8_where_it_cannot_run_logs_once_and_runs_native(caplog):
     log_once.cache_clear()
     q, k, v = qkv(1, 2, 300, 300, 64, torch.float32, seed=1, device="cpu")
