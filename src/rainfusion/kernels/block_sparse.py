@@ -74,7 +74,8 @@ def _use_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 KERNELS = ("auto", "gluon", "triton")
 GLUON_HEAD_DIMS = (128,)
 FP8_HEAD_DIMS = (64, 128)  # the Gluon kernel's FP8 path: the only FP8 kernel, so at 64 too
-FP8_STAGES = 5  # K/V ring stages of the FP8 Gluon kernel (32 KB each; 4 beat 3 by 5% in f-v4, 5 beat 4 at 0.2 by 1% in f-v6)
+# K/V ring stages of the FP8 Gluon kernel (32 KB each; 4 beat 3 by 5% in f-v4, 5 beat 4 at 0.2 by 1% in f-v6)
+FP8_STAGES = 5
 # Gluon's API moves between Triton releases (3.9 renamed the TMA copies it uses), so the kernel
 # runs only on the releases it was run and tested on (H100 and H200, Triton 3.6).
 GLUON_TRITON_RELEASES = ("3.6",)
@@ -200,8 +201,8 @@ def _block_sparse_attention_op(
             HAS_KV_VALID=kv_valid is not None, FP8=fp8, num_warps=4,
         )
         if fp8 and return_lse:  # the scores were of the centred keys: add q . key_center back
-            q_rows = query if token_order is None else gather_rows_triton(query, token_order)
-            lse += scale * (q_rows @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()
+            shift = scale * (query @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()  # [B, H, Nq]
+            lse += shift if token_order is None else shift.gather(2, token_order.expand_as(shift))
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
     _block_sparse_fwd.block_sparse_fwd_kernel[grid](
