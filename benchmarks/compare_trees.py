@@ -1,0 +1,95 @@
+"""Same-call timings of source trees against each other: a kernel change against main, on one GPU.
+
+Each tree (``LABEL=PATH`` of a ``src`` folder, e.g. main's copied by ``git archive HEAD src | tar
+-x -C .before``) runs in its own process, the trees in turn for ``--rounds`` rounds, so that the
+clock and the card's state drift evenly over them. A process times our block-sparse kernel
+(``backend="triton"``) with FP8 and in bf16 at ``--keeps`` random key blocks per query block and
+v2 0.8 end to end with both, at one preset; each output's sum of squares comes along, so that a
+refactor meant to leave the arithmetic alone shows it did (equal sums across trees). The table
+gives each tree's median over rounds and its speed-up over the first tree.
+
+    python benchmarks/compare_trees.py --trees main=.before/src new=src [--preset hunyuan-720p]
+        [--keeps 1 186 931] [--rounds 2] [--out compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(preset: str, keeps: list[int]) -> list[dict]:
+    """(in the tree's process) rows of what, ms, checksum."""
+    import torch
+
+    from attention import random_block_mask, time_ms
+    from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
+    from rainfusion.tools.bench import PRESETS
+
+    spec = PRESETS[preset]
+    n, heads, d = spec.layout.num_tokens, spec.heads, spec.head_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    blocks = -(-n // 128)
+    calls = {}
+    for keep in keeps:
+        mask = random_block_mask(1, heads, n, min(keep, blocks) / blocks)
+        for precision in ("fp8", "native"):
+            calls[f"{precision} {min(keep, blocks)} blocks"] = (
+                lambda mask=mask, precision=precision: block_sparse_attention(q, k, v, mask, backend="triton",
+                                                                              precision=precision))
+    for precision in ("fp8", "native"):
+        config = RainFusion2Config(precision=precision)
+        calls[f"v2 end to end {precision}"] = (
+            lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
+    return [dict(what=what, ms=time_ms(fn), checksum=float(fn().double().pow(2).sum())) for what, fn in calls.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", nargs="+", required=True, help="LABEL=PATH of a src folder, the reference first")
+    parser.add_argument("--preset", default="hunyuan-720p")
+    parser.add_argument("--keeps", nargs="+", type=int, default=[1, 186, 931], help="key blocks per query block")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", help="JSON output path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # (a tree's process: JSON rows on stdout)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.preset, args.keeps)))
+        return
+    trees = [tree.split("=", 1) for tree in args.trees]
+    if any(len(tree) != 2 for tree in trees):
+        raise ValueError(f"--trees takes LABEL=PATH pairs, got {args.trees}")
+    rows = []
+    for round_ in range(args.rounds):
+        for label, path in trees:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(path), HERE]))
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", label, "--preset",
+                                   args.preset, "--keeps", *map(str, args.keeps)],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"tree {label} ({path}) failed:\n{done.stderr[-3000:]}")
+            rows += [dict(row, tree=label, round=round_) for row in json.loads(done.stdout.splitlines()[-1])]
+    labels = [label for label, _ in trees]
+    whats = list(dict.fromkeys(row["what"] for row in rows))
+    median = {(w, t): statistics.median(r["ms"] for r in rows if r["what"] == w and r["tree"] == t)
+              for w in whats for t in labels}
+    print(f"{args.preset}: median ms of {args.rounds} rounds (speed-up over {labels[0]}); '=': equal output checksums")
+    print(f"{'':28s}" + "".join(f"{label:>22s}" for label in labels))
+    for w in whats:
+        sums = {r["checksum"] for r in rows if r["what"] == w}
+        cells = "".join(f"{median[w, t]:>12.3f} ({median[w, labels[0]] / median[w, t]:5.3f}x)" for t in labels)
+        print(f"{w:26s}{'=' if len(sums) == 1 else ' '} {cells}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
