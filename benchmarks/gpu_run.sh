@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|compare] [extra args for the script or pytest; compare: tree names]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare] [extra args for the script or pytest; treetests, compare: tree names]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -51,12 +51,14 @@ if [ "$what" = gluon ]; then  # the Gluon kernel: its tests first (a hang ends a
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m gpu -k gluon tests/kernels/test_block_sparse_kernels.py 2>&1 | tail -6 \
     && (cd benchmarks && timeout 300 python3 kernel_sweep.py --gluon 2>&1 | grep -v Warning | tail -20)
 fi
-if [ "$what" = compare ]; then  # trees .trees/NAME/src (benchmarks/NOTES.md), the reference first: FP8 tests of each, then timings
+if [ "$what" = treetests ]; then  # trees .trees/NAME/src (benchmarks/NOTES.md): the FP8 GPU tests of each (~1 min a tree)
   for name in "$@"; do
-    echo "== $name"; PYTHONPATH=$PWD/.trees/$name/src:/tmp/site timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu \
+    echo "== $name"; PYTHONPATH=$PWD/.trees/$name/src timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu \
       tests/kernels/test_fp8.py 2>&1 | tail -2
   done
-  timeout 420 python3 benchmarks/compare_trees.py --out "$out/compare.json" \
+fi
+if [ "$what" = compare ]; then  # the same trees' same-call timings, the reference first (~1 min a tree)
+  timeout 560 python3 benchmarks/compare_trees.py --out "$out/compare.json" \
     --trees $(for name in "$@"; do echo "$name=.trees/$name/src"; done) 2>&1 | grep -v Warning | tail -20
 fi
 if [ "$what" = pytest ]; then
