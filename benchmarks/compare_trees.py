@@ -4,7 +4,8 @@ Each tree (``LABEL=PATH`` of a ``src`` folder, e.g. main's copied by ``git archi
 -x -C .before``) runs in its own process, the trees in turn for ``--rounds`` rounds, so that the
 clock and the card's state drift evenly over them. A process times our block-sparse kernel
 (``backend="triton"``) with FP8 and in bf16 at ``--keeps`` random key blocks per query block and
-v2 0.8 end to end with both, at one preset; each output's sum of squares comes along, so that a
+v2 0.8 end to end with both, at one preset, and SDPA cuDNN dense as the baseline of the end to
+end ratios; each of our outputs' sum of squares comes along, so that a
 refactor meant to leave the arithmetic alone shows it did (equal sums across trees). The table
 gives each tree's median over rounds and its speed-up over the first tree.
 
@@ -27,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def measure(preset: str, keeps: list[int]) -> list[dict]:
     """(in the tree's process) rows of what, ms, checksum."""
     import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from attention import random_block_mask, time_ms
     from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
@@ -48,7 +51,11 @@ def measure(preset: str, keeps: list[int]) -> list[dict]:
         config = RainFusion2Config(precision=precision)
         calls[f"v2 end to end {precision}"] = (
             lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
-    return [dict(what=what, ms=time_ms(fn), checksum=float(fn().double().pow(2).sum())) for what, fn in calls.items()]
+    rows = [dict(what=what, ms=time_ms(fn), checksum=float(fn().double().pow(2).sum())) for what, fn in calls.items()]
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # the end-to-end ratios' baseline, in the same process
+        rows.append(dict(what="sdpa cudnn dense", ms=time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
+                         checksum=0.0))
+    return rows
 
 
 def main() -> None:
