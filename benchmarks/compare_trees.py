@@ -5,9 +5,9 @@ Each tree (``LABEL=PATH`` of a ``src`` folder, e.g. main's copied by ``git archi
 clock and the card's state drift evenly over them. A process times our block-sparse kernel
 (``backend="triton"``) with FP8 and in bf16 at ``--keeps`` random key blocks per query block and
 v2 0.8 end to end with both, at one preset, and SDPA cuDNN dense as the baseline of the end to
-end ratios; each of our outputs' sum of squares comes along, so that a
-refactor meant to leave the arithmetic alone shows it did (equal sums across trees). The table
-gives each tree's median over rounds and its speed-up over the first tree.
+end ratios; each of our outputs' sum of squares comes along, so that a refactor meant to leave
+the arithmetic alone shows it did (equal sums across trees). The table gives each tree's median
+over rounds and its speed-up over the first tree.
 
     python benchmarks/compare_trees.py --trees main=.before/src new=src [--preset hunyuan-720p]
         [--keeps 1 186 931] [--rounds 2] [--out compare.json]
