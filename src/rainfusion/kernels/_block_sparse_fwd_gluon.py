@@ -108,11 +108,10 @@ def _issue_pv(p, acc, v_smem, v_ready, it, STAGES: gl.constexpr, FP8: gl.constex
 def _issue_row_sum(p, ones_smem, l_i):
     """FP8: start P 1 [64, 8] (in the layout of l_i), P the e4m3 P V operand and ones_smem the
     [8, BLOCK] ones tile (asynchronous; every column is the tile's row sum of the P that P V
-    takes). A fresh
-    accumulator per tile, added to l in registers: FP8 wgmma accumulates with ~14 bits, and
-    l summed in it over hundreds of tiles stalls (rel L2 1.8 at hunyuan-720p, H200). The ones
-    come by TMA: e4m3 written to shared memory from registers reads back wrong in wgmma
-    (Triton 3.6, H200)."""
+    takes). A fresh accumulator per tile, added to l in registers: FP8 wgmma accumulates with
+    ~14 bits, and l summed in it over hundreds of tiles stalls (rel L2 1.8 at hunyuan-720p,
+    H200). The ones come by TMA: e4m3 written to shared memory from registers reads back wrong
+    in wgmma (Triton 3.6, H200)."""
     l_layout: gl.constexpr = l_i.type.layout
     operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
     return warpgroup_mma(gl.convert_layout(p, operand, assert_trivial=True), ones_smem.permute((1, 0)),
