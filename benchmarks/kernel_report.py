@@ -20,7 +20,7 @@ from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block
 
 INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
-POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32",
+POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32", "out_index_ptr": "*i64",
                  "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
                  "ones_ptr": "*fp8e4nv"}
 
@@ -29,7 +29,7 @@ def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, 
                      maxnreg: int | None, use_tma: bool = True, dtype: str = "bf16"):
     """The kernel as launched on [B, H, N, D] tensors with unit head-dim strides, 128-token blocks."""
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=128, BLOCK_Q=block_q,
-                     BLOCK_N=block_n, HAS_KV_VALID=False, RETURN_LSE=False, USE_TMA=use_tma,
+                     BLOCK_N=block_n, HAS_KV_VALID=False, RETURN_LSE=False, USE_TMA=use_tma, HAS_OUT_INDEX=False,
                      **{name: 1 for name in UNIT_STRIDES})
     options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return _compile(_block_sparse_fwd.block_sparse_fwd_kernel, ASTSource, constants, dtype, options)
@@ -41,7 +41,7 @@ def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16", fp8: bool = False
     from triton.experimental.gluon._runtime import GluonASTSource
 
     constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=block_sparse.FP8_STAGES if fp8 else 3, RETURN_LSE=False,
-                     HAS_KV_VALID=False, FP8=fp8, stride_iw=1, stride_ln=1)
+                     HAS_KV_VALID=False, FP8=fp8, HAS_OUT_INDEX=False, stride_iw=1, stride_ln=1)
     types = dict(q_ptr="*i8", k_ptr="*i8", v_ptr="*fp8e4nv") if fp8 else {}
     return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
                     dict(num_warps=4), types)

@@ -124,11 +124,14 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # trailing text stays at the end in every token order: the padding is still a suffix
     if config.compensate:
         permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
-        permuted_out = _compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision)
-    else:  # (the backend gathers the tokens: the triton one with FP8 within its quantization)
-        permuted_out = run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len,
-                                        precision=config.precision, token_order=plan.order)
-    out = gather_tokens(permuted_out, plan.inverse)
+        out = gather_tokens(_compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision),
+                            plan.inverse)
+    elif name == "triton":  # the kernel gathers the tokens (FP8: in its pre-pass) and stores rows back in place
+        out = run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len, precision=config.precision,
+                               token_order=plan.order, restore_order=True)
+    else:  # the backend gathers the tokens
+        out = gather_tokens(run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len,
+                                             precision=config.precision, token_order=plan.order), plan.inverse)
     if state is not None:
         state.cache = cache
         overhead = plan.mask.kv_blocks / key.shape[2] if config.compensate else 0.0

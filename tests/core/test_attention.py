@@ -151,6 +151,16 @@ def test_block_sparse_attention_rejects_bad_masks_and_backends(monkeypatch):
         block_sparse_attention(q, k, v, random_block_mask(1, 2, 200, 200, 64), backend="triton")
 
 
+def test_only_the_triton_backend_restores_the_token_order_itself():
+    from rainfusion.backends import run_block_sparse
+
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    order = torch.randperm(200)
+    with pytest.raises(ValueError, match="restore_order=True is the triton backend's fused un-permutation"):
+        run_block_sparse("portable", q, k, v, random_block_mask(1, 2, 200, 200, 64), 0.25, token_order=order,
+                         restore_order=True)
+
+
 def test_triton_backend_runs_both_methods_like_the_portable_one():
     pytest.importorskip("triton")
     layout = VideoLayout(4, 8, 16, text_len=30, text_position="after")

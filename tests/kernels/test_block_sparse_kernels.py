@@ -128,7 +128,8 @@ def test_matches_reference(b, q_len, kv_len, d, block_size, dtype, kernel):
 ], shape=lambda b, n, d, per_head: (d, 128)))
 def test_token_order_attends_the_gathered_tokens(b, n, d, per_head, kernel):
     """token_order (one order, or one per head; tails): the output is bitwise that of the
-    gathered q, k, v, with lse and valid-key limits; malformed orders are refused."""
+    gathered q, k, v, with lse and valid-key limits, and with restore_order the same rows stored
+    back at the tokens' own positions; malformed orders are refused."""
     q, k, v = qkv(b, 2, n, n, d, case_dtype(torch.float32), seed=n)
     g = torch.Generator().manual_seed(n)
     order = (torch.stack([torch.randperm(n, generator=g) for _ in range(b * 2)]).view(b, 2, n) if per_head
@@ -139,6 +140,13 @@ def test_token_order_attends_the_gathered_tokens(b, n, d, per_head, kernel):
     out, lse = attend(q, k, v, mask, kernel, return_lse=True, kv_valid_len=kv_valid_len, token_order=order)
     want, want_lse = attend(*gathered, mask, kernel, return_lse=True, kv_valid_len=kv_valid_len)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    restored, restored_lse = attend(q, k, v, mask, kernel, return_lse=True, kv_valid_len=kv_valid_len,
+                                    token_order=order, restore_order=True)
+    rows = order.expand(b, 2, n)
+    assert torch.equal(torch.gather(restored, 2, rows[..., None].expand(-1, -1, -1, d)), want)
+    assert torch.equal(torch.gather(restored_lse, 2, rows), want_lse)
+    with pytest.raises(ValueError, match="restore_order=True .* needs a token_order"):
+        attend(q, k, v, mask, kernel, restore_order=True)
     with pytest.raises(TypeError, match="token_order must be an int64 tensor"):
         attend(q, k, v, mask, kernel, token_order=order.int())
     with pytest.raises(ValueError, match=r"token_order must be \[N\] or \[B, H, N\] with N = Nq = Nk"):

@@ -135,6 +135,10 @@ def test_fp8_with_a_token_order_is_fp8_of_the_gathered_tokens():
     empty = torch.isinf(want_lse)
     assert torch.equal(torch.isinf(lse), empty)
     assert relative_l2(out, want) < 1e-3 and (lse - want_lse)[~empty].abs().max() < 1e-3
+    # and with restore_order the kernel stores the same rows back at the tokens' own positions
+    restored, restored_lse = block_sparse_attention_triton(q, k, v, mask, scale=128 ** -0.5, return_lse=True,
+                                                           precision="fp8", token_order=order, restore_order=True)
+    assert torch.equal(restored[:, :, order], out) and torch.equal(restored_lse[:, :, order], lse)
 
 
 def _errors(q, k, v, mask, scale, kv_valid_len=None):

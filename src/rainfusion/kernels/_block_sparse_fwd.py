@@ -89,6 +89,8 @@ def block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_iw,
     # sizes (runtime)
     num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
+    # out_index [B, H, Nq] and its strides (read with HAS_OUT_INDEX)
+    out_index_ptr, stride_xb, stride_xh, stride_xn,
     # compile-time
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two
@@ -98,10 +100,12 @@ def block_sparse_fwd_kernel(
     HAS_KV_VALID: tl.constexpr,
     RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,  # K/V through tensor descriptors (unit dim stride, D a power of two)
+    HAS_OUT_INDEX: tl.constexpr = False,
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] (any strides); lse float32 [B, H, Nq];
-    counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B].
-    Grid: (cdiv(Nq, BLOCK_Q), B * H)."""
+    counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B];
+    out_index int64 [B, H, Nq] (read with HAS_OUT_INDEX): query i's row of out and lse is
+    out_index[b, h, i]. Grid: (cdiv(Nq, BLOCK_Q), B * H)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_M // BLOCK_N
     q_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,10 +159,13 @@ def block_sparse_fwd_kernel(
     empty = l_i == 0.0  # rows that saw no key output 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    out_rows = offs_m.to(tl.int64)
+    if HAS_OUT_INDEX:  # the un-permutation, fused: query i's row is out_index[i]
+        out_rows = tl.load(out_index_ptr + b * stride_xb + h * stride_xh + out_rows * stride_xn, mask=m_ok, other=0)
     out_ptrs = (out_ptr + b * stride_ob + h * stride_oh
-                + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :] * stride_od)
+                + out_rows[:, None] * stride_on + offs_d[None, :] * stride_od)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
         # natural log: (m + log2 l) * ln 2
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m.to(tl.int64) * stride_ln, lse, mask=m_ok)
+        tl.store(lse_ptr + b * stride_lb + h * stride_lh + out_rows * stride_ln, lse, mask=m_ok)

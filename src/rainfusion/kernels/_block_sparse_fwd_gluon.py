@@ -299,13 +299,14 @@ def _tile_score_scale(index_row, stride_iw, is_full, it, qk_scale_log2, k_scale_
 
 @gluon.jit
 def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-              stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
-              qk_scale_log2, k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              RETURN_LSE: gl.constexpr, FP8: gl.constexpr):
+              stride_on, lse_base, stride_ln, out_index_row, stride_xn, index_row, stride_iw, count, is_full, q_start,
+              q_len, key_limit, qk_scale_log2, k_scale_row, v_scale_row, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, RETURN_LSE: gl.constexpr, FP8: gl.constexpr, HAS_OUT_INDEX: gl.constexpr):
     """Consumer partition (one warpgroup): 64 query rows against every listed tile; keys at
-    positions >= ``key_limit`` are masked out (only in the tiles that reach it). With FP8,
-    qk_scale_log2 includes the query block's scale, k_scale_row points at the head's key block
-    scales and v_scale_row at its value channel scales (applied to the output)."""
+    positions >= ``key_limit`` are masked out (only in the tiles that reach it); query row i is
+    stored at row out_index_row[i] (with HAS_OUT_INDEX) or i. With FP8, qk_scale_log2 includes
+    the query block's scale, k_scale_row points at the head's key block scales and v_scale_row at
+    its value channel scales (applied to the output)."""
     INSTR_K: gl.constexpr = 32 if FP8 else 16  # the wgmma K of 8- and 16-bit operands
     P_LOG2_GAIN: gl.constexpr = P_LOG2_GAIN_FP8 if FP8 else 0.0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -367,12 +368,15 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     if FP8:
         out = out * gl.load(v_scale_row + cols)[None, :]
-    ptrs = out_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :]
+    out_rows = rows.to(gl.int64)
+    if HAS_OUT_INDEX:  # the un-permutation, fused: query i's row is out_index[i]
+        out_rows = gl.load(out_index_row + out_rows * stride_xn, mask=rows < q_len, other=0)
+    ptrs = out_base + out_rows[:, None] * stride_on + cols[None, :]
     gl.store(ptrs, out.to(out_base.dtype.element_ty), mask=(rows < q_len)[:, None])
     if RETURN_LSE:
         lse = gl.where(empty, float("-inf"), (gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
                                               + gl.log2(gl.where(empty, 1.0, l_o)) - P_LOG2_GAIN) * 0.6931471805599453)
-        gl.store(lse_base + rows.to(gl.int64) * stride_ln, lse, mask=rows < q_len)
+        gl.store(lse_base + out_rows * stride_ln, lse, mask=rows < q_len)
 
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
@@ -386,9 +390,9 @@ def block_sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_iw,
     stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_vsb, stride_vsh,
-    num_heads, q_len, kv_len, kv_blocks, qk_scale_log2,
+    num_heads, q_len, kv_len, kv_blocks, qk_scale_log2, out_index_ptr, stride_xb, stride_xh, stride_xn,
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
-    HAS_KV_VALID: gl.constexpr, FP8: gl.constexpr,
+    HAS_KV_VALID: gl.constexpr, FP8: gl.constexpr, HAS_OUT_INDEX: gl.constexpr = False,
 ):
     """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
     [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid
@@ -397,7 +401,9 @@ def block_sparse_fwd_kernel(
     tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
     scales float32 q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel
     [B, H, D] (unit stride); ones_ptr: an [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``).
-    Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
+    out_index int64 [B, H, Nq] (with HAS_OUT_INDEX): query i's row of out and lse is
+    out_index[b, h, i]. Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
+    partitions add 5)."""
     q_block = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = (pid_bh // num_heads).to(gl.int64)
@@ -455,17 +461,20 @@ def block_sparse_fwd_kernel(
         key_limit = gl.minimum(kv_len, gl.load(kv_valid_ptr + b))
     out_base = out_ptr + b * stride_ob + h * stride_oh
     lse_base = lse_ptr + b * stride_lb + h * stride_lh
+    out_index_row = out_index_ptr + b * stride_xb + h * stride_xh
     k_scale_row = k_scale_ptr + b * stride_ksb + h * stride_ksh
     v_scale_row = v_scale_ptr + b * stride_vsb + h * stride_vsh
     if FP8:
         qk_scale_log2 = qk_scale_log2 * gl.load(q_scale_ptr + b * stride_qsb + h * stride_qsh + row)
     gl.warp_specialize([
         (_consumer, (0, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
-                     qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
+                     stride_on, lse_base, stride_ln, out_index_row, stride_xn, index_row, stride_iw, count, is_full,
+                     q_start, q_len, key_limit, qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES,
+                     RETURN_LSE, FP8, HAS_OUT_INDEX)),
         (_consumer, (1, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready, kv_empty, ones_ready, out_base,
-                     stride_on, lse_base, stride_ln, index_row, stride_iw, count, is_full, q_start, q_len, key_limit,
-                     qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES, RETURN_LSE, FP8)),
+                     stride_on, lse_base, stride_ln, out_index_row, stride_xn, index_row, stride_iw, count, is_full,
+                     q_start, q_len, key_limit, qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES,
+                     RETURN_LSE, FP8, HAS_OUT_INDEX)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
                    kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
     ], [4, 1], [232, 40])

@@ -157,13 +157,16 @@ def _block_sparse_attention_op(
     kernel: str,
     fp8: bool = False,
     token_order: Optional[torch.Tensor] = None,
+    out_index: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
     ``kernel``: one of KERNELS (decided here, on the real tensors: their alignment is not traceable);
     ``fp8``: the Gluon kernel on 8-bit copies (the caller checked ``fp8_refusal``), with
-    ``token_order`` (int64 [N] or [B, H, N], only with fp8) of q, k, v's tokens in that order.
-    Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or [0])."""
+    ``token_order`` (int64 [N] or [B, H, N], only with fp8) of q, k, v's tokens in that order;
+    ``out_index`` (int64 [Nq] or [B, H, Nq], a permutation) or None: query i's row of out and lse
+    is out_index[i]. Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or
+    [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     out = empty_like_layout(query)
@@ -172,6 +175,8 @@ def _block_sparse_attention_op(
     block_q, block_n, num_warps, num_stages, maxnreg = _CONFIGS[(block_size, block_d)]
     lse_strides = lse.stride() if return_lse else (0, 0, 0)
     kv_valid = None if kv_valid_len is None else kv_valid_len.contiguous()  # the kernel reads it densely
+    out_rows = None if out_index is None else out_index.expand(b, h, q_len)
+    out_rows_strides = (0, 0, 0) if out_rows is None else out_rows.stride()
     if fp8 or _use_gluon(query, key, value, block_size, kernel):
         from . import _block_sparse_fwd_gluon
 
@@ -197,21 +202,24 @@ def _block_sparse_attention_op(
             *(q_scale.stride()[:2] if fp8 else (0, 0)), *(k_scale.stride()[:2] if fp8 else (0, 0)),
             *(v_scale.stride()[:2] if fp8 else (0, 0)),
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
+            out if out_rows is None else out_rows, *out_rows_strides,
             HEAD_DIM=d, BLOCK=block_size, STAGES=FP8_STAGES if fp8 else 3, RETURN_LSE=return_lse,
-            HAS_KV_VALID=kv_valid is not None, FP8=fp8, num_warps=4,
+            HAS_KV_VALID=kv_valid is not None, FP8=fp8, HAS_OUT_INDEX=out_rows is not None, num_warps=4,
         )
         if fp8 and return_lse:  # the scores were of the centred keys: add q . key_center back
             shift = scale * (query @ key_center.to(query.dtype).unsqueeze(-1)).squeeze(-1).float()  # [B, H, Nq]
-            lse += shift if token_order is None else shift.gather(2, token_order.expand_as(shift))
+            permuted = token_order is not None and out_index is None  # (lse in the order of the tokens taken)
+            lse += shift.gather(2, token_order.expand_as(shift)) if permuted else shift
         return out, lse
     grid = (num_blocks(q_len, block_q), b * h)
     _block_sparse_fwd.block_sparse_fwd_kernel[grid](
         query, key, value, out, lse if return_lse else None, counts, indices, kv_valid,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *lse_strides,
         *counts.stride(), *indices.stride(),
-        h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
+        h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e), out_rows, *out_rows_strides,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_KV_VALID=kv_valid_len is not None, RETURN_LSE=return_lse, USE_TMA=_use_tma(query, key, value),
+        HAS_OUT_INDEX=out_rows is not None,
         num_warps=num_warps, num_stages=num_stages, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out, lse
@@ -219,7 +227,7 @@ def _block_sparse_attention_op(
 
 @_block_sparse_attention_op.register_fake
 def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel, fp8=False,
-      token_order=None):
+      token_order=None, out_index=None):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -250,6 +258,7 @@ def block_sparse_attention_triton(
     kernel: str = "auto",
     precision: str = "native",
     token_order: Optional[torch.Tensor] = None,
+    restore_order: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
 
@@ -265,6 +274,9 @@ def block_sparse_attention_triton(
     ``token_order``: int64 [N] or [B, H, N] (N = Nq = Nk) or None: attention of the tokens taken
     in that order (q, k, v gathered with it; ``mask``, ``kv_valid_len`` and the output are in
     it); with FP8 the gather is fused into the quantization pre-pass, else a row gather runs.
+    ``restore_order`` (with a ``token_order`` that holds each token once): the output and lse come
+    back in the tokens' own order, written there by the kernel (the un-permutation fused into
+    its store).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
@@ -282,14 +294,19 @@ def block_sparse_attention_triton(
             raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
         log_fp8_fallback(refusal)
         fp8 = False
+    if restore_order and token_order is None:
+        raise ValueError("restore_order=True puts the output back in the tokens' own order: it needs a token_order")
+    out_index = None
     if token_order is not None:
         _check_token_order(token_order, query, key)
+        out_index = token_order if restore_order else None
         if not fp8:
             query, key, value = (gather_rows_triton(t, token_order) for t in (query, key, value))
             token_order = None
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
-                                              mask.block_size, float(scale), return_lse, kernel, fp8, token_order)
+                                              mask.block_size, float(scale), return_lse, kernel, fp8, token_order,
+                                              out_index)
     return (out, lse) if return_lse else out
 
 
