@@ -60,30 +60,41 @@ def measure(preset: str, keeps: list[int]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trees", nargs="+", required=True, help="LABEL=PATH of a src folder, the reference first")
+    parser.add_argument("--trees", nargs="+", help="LABEL=PATH of a src folder, the reference first")
     parser.add_argument("--preset", default="hunyuan-720p")
     parser.add_argument("--keeps", nargs="+", type=int, default=[1, 186, 931], help="key blocks per query block")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=150, help="seconds a tree's process may take (a hang)")
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # (a tree's process: JSON rows on stdout)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args.preset, args.keeps)))
         return
-    trees = [tree.split("=", 1) for tree in args.trees]
-    if any(len(tree) != 2 for tree in trees):
+    trees = [tree.split("=", 1) for tree in args.trees or []]
+    if not trees or any(len(tree) != 2 for tree in trees):
         raise ValueError(f"--trees takes LABEL=PATH pairs, got {args.trees}")
-    rows = []
+    rows, failed = [], set()
     for round_ in range(args.rounds):
         for label, path in trees:
+            if label in failed:
+                continue
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(path), HERE]))
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", label, "--preset",
-                                   args.preset, "--keeps", *map(str, args.keeps)],
-                                  env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"tree {label} ({path}) failed:\n{done.stderr[-3000:]}")
+            try:
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", label, "--preset",
+                                       args.preset, "--keeps", *map(str, args.keeps)],
+                                      env=env, capture_output=True, text=True, timeout=args.timeout)
+                error = done.stderr[-3000:] if done.returncode != 0 else None
+            except subprocess.TimeoutExpired:
+                error = f"no result within --timeout {args.timeout:g} s (a hang?)"
+            if error is not None:  # the other trees go on; this one leaves the table
+                print(f"tree {label} ({path}) failed in round {round_}:\n{error}", flush=True)
+                failed.add(label)
+                continue
             rows += [dict(row, tree=label, round=round_) for row in json.loads(done.stdout.splitlines()[-1])]
-    labels = [label for label, _ in trees]
+    labels = [label for label, _ in trees if label not in failed]
+    if not labels or labels[0] != trees[0][0]:
+        raise RuntimeError(f"the reference tree {trees[0][0]} gave no timings")
     whats = list(dict.fromkeys(row["what"] for row in rows))
     median = {(w, t): statistics.median(r["ms"] for r in rows if r["what"] == w and r["tree"] == t)
               for w in whats for t in labels}

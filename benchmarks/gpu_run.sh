@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; from rainfusion.kernels.fa4 import fa4_available as f; print('torch', torch.__version__, 'triton', triton.__version__, 'fa4', f())"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k triton 2>&1 | tail -3
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/core/test_attention.py -k triton 2>&1 | tail -3
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 540 python3 benchmarks/attention.py --out "$out/attention.json" "$@" 2>&1 | grep -v Warning | tail -60
@@ -51,10 +51,10 @@ if [ "$what" = gluon ]; then  # the Gluon kernel: its tests first (a hang ends a
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider -m gpu -k gluon tests/kernels/test_block_sparse_kernels.py 2>&1 | tail -6 \
     && (cd benchmarks && timeout 300 python3 kernel_sweep.py --gluon 2>&1 | grep -v Warning | tail -20)
 fi
-if [ "$what" = treetests ]; then  # trees .trees/NAME/src (benchmarks/NOTES.md): the FP8 GPU tests of each (~1 min a tree)
-  for name in "$@"; do
-    echo "== $name"; PYTHONPATH=$PWD/.trees/$name/src timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu \
-      tests/kernels/test_fp8.py 2>&1 | tail -2
+if [ "$what" = treetests ]; then  # trees .trees/NAME/{src,tests} (benchmarks/NOTES.md): each tree's own GPU tests
+  for name in "$@"; do  # of $TREE_TESTS (default: test_fp8.py, ~1 min a tree)
+    echo "== $name"; (cd .trees/$name && PYTHONPATH=$PWD/src timeout ${TREE_TIMEOUT:-150} python3 -m pytest -q -x \
+      -p no:cacheprovider -m gpu --rootdir . ${TREE_TESTS:-tests/kernels/test_fp8.py} 2>&1 | tail -2)
   done
 fi
 if [ "$what" = compare ]; then  # the same trees' same-call timings, the reference first (~1 min a tree)
