@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare] [extra args for the script or pytest; treetests, compare: tree names]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare|profile] [extra args for the script or pytest; treetests, compare, profile: tree names]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -60,6 +60,10 @@ fi
 if [ "$what" = compare ]; then  # the same trees' same-call timings, the reference first (~1 min a tree)
   timeout 560 python3 benchmarks/compare_trees.py --out "$out/compare.json" \
     --trees $(for name in "$@"; do echo "$name=.trees/$name/src"; done) 2>&1 | grep -v Warning | tail -20
+fi
+if [ "$what" = profile ]; then  # ncu of the same trees' kernel, side by side (benchmarks/profile_trees.py; ~1 min a tree)
+  timeout 560 python3 benchmarks/profile_trees.py --out "$out/profiles" \
+    --trees $(for name in "$@"; do echo "$name=.trees/$name/src"; done) 2>&1 | grep -v Warning | tail -40
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
