@@ -25,26 +25,57 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def parse_trees(values: list[str] | None) -> list[tuple[str, str]]:
+    """``--trees`` LABEL=PATH values -> (label, path) pairs."""
+    trees = [tuple(value.split("=", 1)) for value in values or []]
+    if not trees or any(len(tree) != 2 for tree in trees):
+        raise ValueError(f"--trees takes LABEL=PATH pairs, got {values}")
+    return trees
+
+
+def tree_environment(path: str) -> dict:
+    """The environment of a tree's process: its ``src`` folder and this one on the path."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(path), HERE]))
+
+
+def random_inputs(preset: str, heads: int | None = None):
+    """(in a tree's process) bf16 q, k, v [1, heads (the preset's by default), N, D] on CUDA at
+    a preset's token count, the same in every tree."""
+    import torch
+
+    from rainfusion.tools.bench import PRESETS
+
+    spec = PRESETS[preset]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, heads or spec.heads, spec.layout.num_tokens, spec.head_dim)
+    return tuple(torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+
+def keep_mask(heads: int, n: int, keep: int):
+    """(mask, kept): ``random_block_mask`` with ``keep`` key blocks per query block (at most all)."""
+    from attention import random_block_mask
+
+    blocks = -(-n // 128)
+    kept = min(keep, blocks)
+    return random_block_mask(1, heads, n, kept / blocks), kept
+
+
 def measure(preset: str, keeps: list[int]) -> list[dict]:
     """(in the tree's process) rows of what, ms, checksum."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attention import random_block_mask, time_ms
+    from attention import time_ms
     from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
     from rainfusion.tools.bench import PRESETS
 
     spec = PRESETS[preset]
-    n, heads, d = spec.layout.num_tokens, spec.heads, spec.head_dim
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    blocks = -(-n // 128)
+    q, k, v = random_inputs(preset)
     calls = {}
     for keep in keeps:
-        mask = random_block_mask(1, heads, n, min(keep, blocks) / blocks)
+        mask, kept = keep_mask(spec.heads, spec.layout.num_tokens, keep)
         for precision in ("fp8", "native"):
-            calls[f"{precision} {min(keep, blocks)} blocks"] = (
+            calls[f"{precision} {kept} blocks"] = (
                 lambda mask=mask, precision=precision: block_sparse_attention(q, k, v, mask, backend="triton",
                                                                               precision=precision))
     for precision in ("fp8", "native"):
@@ -71,19 +102,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.preset, args.keeps)))
         return
-    trees = [tree.split("=", 1) for tree in args.trees or []]
-    if not trees or any(len(tree) != 2 for tree in trees):
-        raise ValueError(f"--trees takes LABEL=PATH pairs, got {args.trees}")
+    trees = parse_trees(args.trees)
     rows, failed = [], set()
     for round_ in range(args.rounds):
         for label, path in trees:
             if label in failed:
                 continue
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(path), HERE]))
             try:
                 done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", label, "--preset",
                                        args.preset, "--keeps", *map(str, args.keeps)],
-                                      env=env, capture_output=True, text=True, timeout=args.timeout)
+                                      env=tree_environment(path), capture_output=True, text=True,
+                                      timeout=args.timeout)
                 error = done.stderr[-3000:] if done.returncode != 0 else None
             except subprocess.TimeoutExpired:
                 error = f"no result within --timeout {args.timeout:g} s (a hang?)"

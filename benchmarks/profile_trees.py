@@ -22,7 +22,8 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from compare_trees import parse_trees, tree_environment
+
 HEADLINE = {  # raw metric -> what the table calls it
     "gpu__time_duration.sum": "duration",
     "gpc__cycles_elapsed.max": "cycles elapsed",
@@ -38,16 +39,11 @@ def run_call(preset: str, heads: int, keep: int, precision: str) -> None:
     """(in the tree's process, under ncu) a warm-up call, then the profiled one."""
     import torch
 
-    from attention import random_block_mask
+    from compare_trees import keep_mask, random_inputs
     from rainfusion import block_sparse_attention
-    from rainfusion.tools.bench import PRESETS
 
-    spec = PRESETS[preset]
-    n, d = spec.layout.num_tokens, spec.head_dim
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    blocks = -(-n // 128)
-    mask = random_block_mask(1, heads, n, min(keep, blocks) / blocks)
+    q, k, v = random_inputs(preset, heads)
+    mask, _ = keep_mask(heads, q.shape[2], keep)
     for _ in range(2):
         block_sparse_attention(q, k, v, mask, backend="triton", precision=precision)
     torch.cuda.synchronize()
@@ -82,20 +78,17 @@ def main() -> None:
     if args.worker:
         run_call(args.preset, args.heads, args.keep, args.precision)
         return
-    trees = [tree.split("=", 1) for tree in args.trees or []]
-    if not trees or any(len(tree) != 2 for tree in trees):
-        raise ValueError(f"--trees takes LABEL=PATH pairs, got {args.trees}")
+    trees = parse_trees(args.trees)
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     os.makedirs(args.out, exist_ok=True)
     pages = {}
     for label, path in trees:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(path), HERE]))
         command = [ncu, "--clock-control", "none", "--set", "full", "-k", "regex:block_sparse_fwd",
                    "--launch-skip", "1", "--launch-count", "1", "--csv", "--page", "raw",
                    sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset,
                    "--heads", str(args.heads), "--keep", str(args.keep), "--precision", args.precision]
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, env=tree_environment(path), capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:  # the other trees go on
             print(f"tree {label} ({path}): no profile within --timeout {args.timeout:g} s", flush=True)
             continue
