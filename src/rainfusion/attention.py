@@ -126,12 +126,9 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         permuted = [gather_tokens(t, plan.order) for t in (query, key, value)]
         out = gather_tokens(_compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision),
                             plan.inverse)
-    elif name == "triton":  # the kernel gathers the tokens (FP8: in its pre-pass) and stores rows back in place
+    else:  # the backend permutes and un-permutes (the triton one's kernels store the rows back in place)
         out = run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len, precision=config.precision,
-                               token_order=plan.order, restore_order=True)
-    else:  # the backend gathers the tokens
-        out = gather_tokens(run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len,
-                                             precision=config.precision, token_order=plan.order), plan.inverse)
+                               token_order=plan.order, inverse_order=plan.inverse)
     if state is not None:
         state.cache = cache
         overhead = plan.mask.kv_blocks / key.shape[2] if config.compensate else 0.0

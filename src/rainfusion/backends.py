@@ -189,32 +189,39 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
                      mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None,
                      return_lse: bool = False, precision: str = "native",
                      token_order: torch.Tensor | None = None,
-                     restore_order: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     inverse_order: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
     kv_valid_len int32 [B] or None (not with fa4); with ``return_lse`` also the natural
     log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key);
     ``precision`` reaches the ``triton`` backend only (``resolve_backend`` sends FP8 there).
     ``token_order`` (``gather_tokens``' index) or None: attention of the tokens taken in that
     order, the mask's and the output's; the ``triton`` backend gathers them itself (with FP8 in
-    its quantization pre-pass), the others get gathered copies. ``restore_order`` (``triton``
-    only): the output back in the tokens' own order, written there by the kernel."""
-    if restore_order and backend != "triton":
-        raise ValueError(f"restore_order=True is the triton backend's fused un-permutation; backend {backend!r} "
-                         "returns the permuted order (un-permute it with gather_tokens)")
-    if token_order is not None and backend != "triton":
-        query, key, value = (gather_tokens(t, token_order) for t in (query, key, value))
-    if backend == "fa4":
-        from .kernels.fa4 import block_sparse_attention_fa4
-
-        return block_sparse_attention_fa4(query, key, value, mask, scale=scale, return_lse=return_lse)
+    its quantization pre-pass), the others get gathered copies. ``inverse_order`` (the index that
+    undoes ``token_order``) or None: the output and lse come back in the tokens' own order, which
+    the ``triton`` backend's kernels write directly (no gather), the others gather."""
+    if inverse_order is not None and token_order is None:
+        raise ValueError("inverse_order undoes a token_order: pass the token_order too (or neither)")
     if backend == "triton":
         from .kernels.block_sparse import block_sparse_attention_triton
 
         return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
                                              return_lse=return_lse, precision=precision, token_order=token_order,
-                                             restore_order=restore_order)
-    return block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
-                                           return_lse=return_lse)
+                                             restore_order=inverse_order is not None)
+    if token_order is not None:
+        query, key, value = (gather_tokens(t, token_order) for t in (query, key, value))
+    if backend == "fa4":
+        from .kernels.fa4 import block_sparse_attention_fa4
+
+        result = block_sparse_attention_fa4(query, key, value, mask, scale=scale, return_lse=return_lse)
+    else:
+        result = block_sparse_attention_portable(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
+                                                 return_lse=return_lse)
+    if inverse_order is None:
+        return result
+    if not return_lse:
+        return gather_tokens(result, inverse_order)
+    out, lse = result
+    return gather_tokens(out, inverse_order), gather_tokens(lse.unsqueeze(-1), inverse_order).squeeze(-1)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

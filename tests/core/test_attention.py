@@ -151,14 +151,27 @@ def test_block_sparse_attention_rejects_bad_masks_and_backends(monkeypatch):
         block_sparse_attention(q, k, v, random_block_mask(1, 2, 200, 200, 64), backend="triton")
 
 
-def test_only_the_triton_backend_restores_the_token_order_itself():
-    from rainfusion.backends import run_block_sparse
+@pytest.mark.parametrize("per_head", [False, True])
+def test_run_block_sparse_puts_the_output_back_in_the_tokens_order(per_head):
+    """token_order with inverse_order (portable backend): the output and lse of the gathered
+    tokens, each row back at its token's own position; inverse_order alone is refused."""
+    from rainfusion.backends import gather_tokens, run_block_sparse
 
     q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
-    order = torch.randperm(200)
-    with pytest.raises(ValueError, match="restore_order=True is the triton backend's fused un-permutation"):
-        run_block_sparse("portable", q, k, v, random_block_mask(1, 2, 200, 200, 64), 0.25, token_order=order,
-                         restore_order=True)
+    order = torch.stack([torch.randperm(200) for _ in range(2)])[None] if per_head else torch.randperm(200)
+    inverse = torch.argsort(order, dim=-1)
+    mask = random_block_mask(1, 2, 200, 200, 64)
+    gathered = [gather_tokens(t, order) for t in (q, k, v)]
+    want, want_lse = run_block_sparse("portable", *gathered, mask, 0.25, return_lse=True)
+    out, lse = run_block_sparse("portable", q, k, v, mask, 0.25, return_lse=True, token_order=order,
+                                inverse_order=inverse)
+    rows = order.expand(1, 2, 200)
+    in_order = lambda x: torch.gather(x, 2, rows[..., None].expand(-1, -1, -1, 16))  # noqa: E731
+    assert torch.equal(in_order(out), want) and torch.equal(torch.gather(lse, 2, rows), want_lse)
+    out = run_block_sparse("portable", q, k, v, mask, 0.25, token_order=order, inverse_order=inverse)
+    assert torch.equal(in_order(out), run_block_sparse("portable", *gathered, mask, 0.25))
+    with pytest.raises(ValueError, match="inverse_order undoes a token_order"):
+        run_block_sparse("portable", q, k, v, mask, 0.25, inverse_order=inverse)
 
 
 def test_triton_backend_runs_both_methods_like_the_portable_one():
