@@ -6,7 +6,9 @@ Each tree (``LABEL=PATH`` of a ``src`` folder, as for ``compare_trees.py``) runs
 call) at a preset's token count with ``--heads`` heads and ``--keep`` random key blocks per
 query block. The table gives each tree's duration, cycles, issue and eligibility rates and the
 warp stall reasons (cycles per issued instruction, largest first); each tree's full raw page is
-written as ``LABEL.csv`` under ``--out`` for the rest.
+written as ``LABEL.csv`` under ``--out`` for the rest, and its per-instruction page (every SASS
+instruction with its sampled warp stalls) as ``LABEL-sass.csv``, summarised by
+``--hot`` instructions of the most samples.
 
     python benchmarks/profile_trees.py --trees main=.trees/main/src new=.trees/new/src
         [--preset hunyuan-720p] [--heads 2] [--keep 931] [--precision fp8] [--out DIR]
@@ -60,6 +62,36 @@ def read_raw_page(text: str) -> dict[str, tuple[str, str]]:
     return {name: (value, unit) for name, unit, value in zip(names, units, values)}
 
 
+def export_page(ncu: str, report: str, page: list[str], path: str) -> str:
+    """One page of a saved ncu report as CSV text, also written to ``path``."""
+    text = subprocess.run([ncu, "--import", report, "--csv", *page], capture_output=True, text=True).stdout
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def print_hot_instructions(label: str, text: str, count: int) -> None:
+    """The ``count`` SASS instructions with the most warp samples (ncu's source page), each with
+    its share of all samples and its two largest stall reasons."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), len(lines))  # (a kernel line first)
+    rows = list(csv.DictReader(lines[start:]))
+    sampled = [c for c in (rows[0] if rows else {}) if c.startswith("Warp Stall Sampling (All")]
+    if not sampled:
+        print(f"tree {label}: no per-instruction samples in ncu's source page; its columns: "
+              f"{list(rows[0]) if rows else text[:500]}")
+        return
+    total = sum(as_number(r[sampled[0]]) for r in rows) or 1.0
+    reasons = [c for c in rows[0] if c.startswith("stall_") and not c.endswith("(Not Issued)")]
+    base = int(rows[0]["Address"], 16)  # (offsets from the kernel's start: as in kernel_report.py's SASS)
+    print(f"{label}: the {count} instructions of the most warp samples ({total:.0f} samples)")
+    for r in sorted(rows, key=lambda r: -as_number(r[sampled[0]]))[:count]:
+        top = sorted(((as_number(r[c]), c) for c in reasons), reverse=True)[:2]
+        why = ", ".join(f"{c} {v / max(as_number(r[sampled[0]]), 1):.0%}" for v, c in top if v > 0)
+        print(f"  {int(r['Address'], 16) - base:#08x} {100 * as_number(r[sampled[0]]) / total:5.1f}%  "
+              f"{r.get('Source', '')[:60]:60s} {why}")
+
+
 def as_number(value: str) -> float:
     return float(value.replace(",", "")) if value not in ("", "n/a") else float("nan")
 
@@ -73,6 +105,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp8", choices=["fp8", "native"])
     parser.add_argument("--timeout", type=float, default=150, help="seconds a tree's profile may take")
     parser.add_argument("--out", default="/tmp/profiles", help="folder for each tree's raw page (LABEL.csv)")
+    parser.add_argument("--hot", type=int, default=25, help="instructions of the most stall samples to print per tree")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # (the profiled process)
     args = parser.parse_args()
     if args.worker:
@@ -83,8 +116,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     pages = {}
     for label, path in trees:
-        command = [ncu, "--clock-control", "none", "--set", "full", "-k", "regex:block_sparse_fwd",
-                   "--launch-skip", "1", "--launch-count", "1", "--csv", "--page", "raw",
+        report = os.path.join(args.out, f"{label}.ncu-rep")
+        command = [ncu, "--clock-control", "none", "--set", "full", "--import-source", "no", "-k",
+                   "regex:block_sparse_fwd", "--launch-skip", "1", "--launch-count", "1", "-f", "-o", report,
                    sys.executable, os.path.abspath(__file__), "--worker", "--preset", args.preset,
                    "--heads", str(args.heads), "--keep", str(args.keep), "--precision", args.precision]
         try:
@@ -92,12 +126,15 @@ def main() -> None:
         except subprocess.TimeoutExpired:  # the other trees go on
             print(f"tree {label} ({path}): no profile within --timeout {args.timeout:g} s", flush=True)
             continue
-        with open(os.path.join(args.out, f"{label}.csv"), "w") as f:
-            f.write(done.stdout)
+        raw = export_page(ncu, report, ["--page", "raw"], os.path.join(args.out, f"{label}.csv"))
         try:
-            pages[label] = read_raw_page(done.stdout)
+            pages[label] = read_raw_page(raw)
         except ValueError as error:
-            print(f"tree {label} ({path}): {error}\n{done.stderr[-1500:]}", flush=True)
+            print(f"tree {label} ({path}): {error}\n{done.stdout[-1500:]}{done.stderr[-1500:]}", flush=True)
+            continue
+        sass = export_page(ncu, report, ["--page", "source", "--print-source", "sass"],
+                           os.path.join(args.out, f"{label}-sass.csv"))
+        print_hot_instructions(label, sass, args.hot)
     labels = list(pages)
     if not labels:
         raise RuntimeError("no tree gave a profile")
