@@ -8,7 +8,7 @@ query block. The table gives each tree's duration, cycles, issue and eligibility
 warp stall reasons (cycles per issued instruction, largest first); each tree's full raw page is
 written as ``LABEL.csv`` under ``--out`` for the rest, and its per-instruction page (every SASS
 instruction with its sampled warp stalls) as ``LABEL-sass.csv``, summarised by
-``--hot`` instructions of the most samples.
+``--hot`` instructions of the most samples; the report itself is ``LABEL.ncu-rep``.
 
     python benchmarks/profile_trees.py --trees main=.trees/main/src new=.trees/new/src
         [--preset hunyuan-720p] [--heads 2] [--keep 931] [--precision fp8] [--out DIR]
