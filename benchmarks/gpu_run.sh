@@ -21,6 +21,7 @@ if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
 fi
 [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 out=${OUT:-/tmp/out}; mkdir -p "$out"
+tree_args() { for name in "$@"; do echo "$name=.trees/$name/src"; done; }  # compare, profile: NAME -> LABEL=PATH
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; from rainfusion.kernels.fa4 import fa4_available as f; print('torch', torch.__version__, 'triton', triton.__version__, 'fa4', f())"
 if [ "$what" = tests ] || [ "$what" = all ]; then
@@ -59,11 +60,11 @@ if [ "$what" = treetests ]; then  # trees .trees/NAME/{src,tests} (benchmarks/NO
 fi
 if [ "$what" = compare ]; then  # the same trees' same-call timings, the reference first (~1 min a tree)
   timeout 560 python3 benchmarks/compare_trees.py --out "$out/compare.json" \
-    --trees $(for name in "$@"; do echo "$name=.trees/$name/src"; done) 2>&1 | grep -v Warning | tail -20
+    --trees $(tree_args "$@") 2>&1 | grep -v Warning | tail -20
 fi
 if [ "$what" = profile ]; then  # ncu of the same trees' kernel, side by side (benchmarks/profile_trees.py; ~1 min a tree)
   timeout 560 python3 benchmarks/profile_trees.py --out "$out/profiles" \
-    --trees $(for name in "$@"; do echo "$name=.trees/$name/src"; done) 2>&1 | grep -v Warning | tail -40
+    --trees $(tree_args "$@") 2>&1 | grep -v Warning | tail -40
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8

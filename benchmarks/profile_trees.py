@@ -76,20 +76,20 @@ def print_hot_instructions(label: str, text: str, count: int) -> None:
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), len(lines))  # (a kernel line first)
     rows = list(csv.DictReader(lines[start:]))
-    sampled = [c for c in (rows[0] if rows else {}) if c.startswith("Warp Stall Sampling (All")]
-    if not sampled:
+    column = next((c for c in (rows[0] if rows else {}) if c.startswith("Warp Stall Sampling (All")), None)
+    if column is None:
         print(f"tree {label}: no per-instruction samples in ncu's source page; its columns: "
               f"{list(rows[0]) if rows else text[:500]}")
         return
-    total = sum(as_number(r[sampled[0]]) for r in rows) or 1.0
+    samples = [as_number(r[column]) for r in rows]
+    total = sum(samples) or 1.0
     reasons = [c for c in rows[0] if c.startswith("stall_") and not c.endswith("(Not Issued)")]
     base = int(rows[0]["Address"], 16)  # (offsets from the kernel's start: as in kernel_report.py's SASS)
     print(f"{label}: the {count} instructions of the most warp samples ({total:.0f} samples)")
-    for r in sorted(rows, key=lambda r: -as_number(r[sampled[0]]))[:count]:
+    for n, r in sorted(zip(samples, rows), key=lambda pair: -pair[0])[:count]:
         top = sorted(((as_number(r[c]), c) for c in reasons), reverse=True)[:2]
-        why = ", ".join(f"{c} {v / max(as_number(r[sampled[0]]), 1):.0%}" for v, c in top if v > 0)
-        print(f"  {int(r['Address'], 16) - base:#08x} {100 * as_number(r[sampled[0]]) / total:5.1f}%  "
-              f"{r.get('Source', '')[:60]:60s} {why}")
+        why = ", ".join(f"{c} {v / max(n, 1):.0%}" for v, c in top if v > 0)
+        print(f"  {int(r['Address'], 16) - base:#08x} {100 * n / total:5.1f}%  {r.get('Source', '')[:60]:60s} {why}")
 
 
 def as_number(value: str) -> float:
