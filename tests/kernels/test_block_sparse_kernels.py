@@ -153,6 +153,27 @@ def test_token_order_attends_the_gathered_tokens(b, n, d, per_head, kernel):
         attend(q, k, v, mask, kernel, token_order=order[..., :-1])
 
 
+def test_restore_order_refuses_an_order_that_is_not_a_permutation():
+    """restore_order writes output row token_order[i]: an order with a repeated token (so one
+    missing) is refused, checked once per tensor and again after an in-place change; without
+    restore_order a repeated token is a plain gather (the output of the gathered tokens)."""
+    n, d = 300, 64
+    q, k, v = qkv(1, 2, n, n, d, case_dtype(torch.float32), seed=7)
+    mask = block_mask(1, 2, n, n, 128, seed=7)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    attend(q, k, v, mask, "triton", token_order=order, restore_order=True)
+    assert block_sparse._permutations[id(order)][0]() is order  # checked once, remembered
+    order[5] = order[6]  # in place: now token order[6] twice
+    with pytest.raises(ValueError, match=r"token_order must hold each of its N = 300 tokens once .* "
+                                         r"restore_order=False"):
+        attend(q, k, v, mask, "triton", token_order=order, restore_order=True)
+    repeated = order.clone().view(1, 1, n).expand(1, 2, n)  # [B, H, N] too
+    with pytest.raises(ValueError, match="token_order must hold each of its N = 300 tokens once"):
+        attend(q, k, v, mask, "triton", token_order=repeated, restore_order=True)
+    gathered = [t[:, :, order] for t in (q, k, v)]
+    assert torch.equal(attend(q, k, v, mask, "triton", token_order=order), attend(*gathered, mask, "triton"))
+
+
 @pytest.mark.parametrize("n, d, block_size, counts, kernel", with_kernels([
     (300, 64, 64, [5, 0, 5, 0, 0]),
     (600, 128, 128, [5, 0, 5, 0, 5]),

@@ -2,7 +2,8 @@
 
 ``block_sparse_attention_triton`` validates its inputs, unpacks the BlockSparseMask and calls
 ``torch.ops.rainfusion.block_sparse_attention_triton`` (plain tensors and scalars, with a fake
-implementation so torch.compile can trace it). It never synchronises with the host.
+implementation so torch.compile can trace it). It never synchronises with the host, but once per
+``token_order`` tensor given with ``restore_order`` (``_check_permutation``).
 
 On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
 one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. ``precision="fp8"``
@@ -14,6 +15,7 @@ under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was
 """
 
 import math
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -274,9 +276,9 @@ def block_sparse_attention_triton(
     ``token_order``: int64 [N] or [B, H, N] (N = Nq = Nk) or None: attention of the tokens taken
     in that order (q, k, v gathered with it; ``mask``, ``kv_valid_len`` and the output are in
     it); with FP8 the gather is fused into the quantization pre-pass, else a row gather runs.
-    ``restore_order`` (with a ``token_order`` that holds each token once): the output and lse come
-    back in the tokens' own order, written there by the kernel (the un-permutation fused into
-    its store).
+    ``restore_order`` (with a ``token_order`` that holds each token once, else a ValueError:
+    ``_check_permutation``): the output and lse come back in the tokens' own order, written there
+    by the kernel (the un-permutation fused into its store).
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
@@ -299,6 +301,8 @@ def block_sparse_attention_triton(
     out_index = None
     if token_order is not None:
         _check_token_order(token_order, query, key)
+        if restore_order:
+            _check_permutation(token_order)
         out_index = token_order if restore_order else None
         if not fp8:
             query, key, value = (gather_rows_triton(t, token_order) for t in (query, key, value))
@@ -320,3 +324,28 @@ def _check_token_order(token_order: torch.Tensor, query: torch.Tensor, key: torc
         raise ValueError(f"token_order must be [N] or [B, H, N] with N = Nq = Nk on {query.device} (one order of the "
                          f"tokens of q, k and v), got {tuple(token_order.shape)} on {token_order.device} for "
                          f"Nq={n}, Nk={key.shape[2]}; gather the tensors yourself for other cases")
+
+
+# token_order tensors found to be permutations: id -> (a weak reference, the tensor's version then)
+_permutations: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _check_permutation(token_order: torch.Tensor) -> None:
+    """With restore_order the kernels write output row token_order[i] for each i: an order that
+    repeats a token would leave rows unwritten. Checked on the host once per tensor (again after
+    an in-place change: its version moves; inference tensors have none, so not after theirs), so
+    a plan's cached order costs one check; not while torch.compile traces or a CUDA graph is
+    captured (no host sync there)."""
+    if torch.compiler.is_compiling() or (token_order.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    key, version = id(token_order), -1 if token_order.is_inference() else token_order._version
+    seen = _permutations.get(key)
+    if seen is not None and seen[0]() is token_order and seen[1] == version:
+        return
+    n = token_order.shape[-1]
+    rows = token_order.reshape(-1, n).sort(dim=1).values
+    if not bool((rows == torch.arange(n, device=rows.device)).all()):
+        raise ValueError(f"token_order must hold each of its N = {n} tokens once (a permutation of 0..N-1 per "
+                         "row) with restore_order=True, which writes output row token_order[i]; with a token "
+                         "repeated or missing pass restore_order=False and gather the output yourself")
+    _permutations[key] = (weakref.ref(token_order, lambda _, key=key: _permutations.pop(key, None)), version)
