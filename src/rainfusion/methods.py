@@ -23,7 +23,7 @@ from .config import AnyConfig, RainFusion2Config, RainFusionConfig
 from .head_patterns import head_pattern_table
 from .layout import VideoLayout
 from .mask import BlockSparseMask
-from .permutation import token_order
+from .permutation import mark_permutation, token_order
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Plan:
     order: torch.Tensor
     inverse: torch.Tensor
     patterns: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:  # a plan's order holds each token once, by construction
+        mark_permutation(self.order)
 
 
 def plan_attention(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config: AnyConfig,

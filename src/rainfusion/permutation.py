@@ -18,6 +18,7 @@ un-permuting the output is exact. Orders are index tensors, computed once per sh
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +43,33 @@ class TokenOrder:
     inverse: torch.Tensor
     num_dense: int
     num_dense_tail: int = 0
+
+
+# order tensors known to hold each of their N tokens once per row (plans' orders, made so, and
+# orders the kernels checked): id -> (a weak reference, the tensor's version then)
+_known_permutations: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place change counter (inference tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
+def mark_permutation(order: torch.Tensor) -> torch.Tensor:
+    """Record that ``order`` (int64 [..., N]) holds each of its N tokens once per row, so that
+    ``is_known_permutation`` holds until it changes in place; returns it. Not while torch.compile
+    traces (nothing is recorded; the kernels check nothing there either)."""
+    if not torch.compiler.is_compiling():
+        key = id(order)
+        _known_permutations[key] = (weakref.ref(order, lambda _, key=key: _known_permutations.pop(key, None)),
+                                    _version(order))
+    return order
+
+
+def is_known_permutation(order: torch.Tensor) -> bool:
+    """``order`` was marked (``mark_permutation``) and has not changed in place since."""
+    seen = _known_permutations.get(id(order))
+    return seen is not None and seen[0]() is order and seen[1] == _version(order)
 
 
 def dense_block_range(n: int, num_dense: int, num_dense_tail: int, block_size: int) -> tuple[int, int]:

@@ -34,9 +34,12 @@ from _helpers import (  # noqa: E402
     reference,
     sdpa_error,
 )
+from rainfusion import RainFusion2Config, RainFusionConfig, VideoLayout  # noqa: E402
 from rainfusion.kernels import block_sparse  # noqa: E402
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton  # noqa: E402
 from rainfusion.mask import BlockSparseMask  # noqa: E402
+from rainfusion.methods import plan_attention  # noqa: E402
+from rainfusion.permutation import is_known_permutation  # noqa: E402
 from rainfusion.reference import masked_attention, relative_l2  # noqa: E402
 
 if not ON_GPU and isinstance(triton.language.zeros, JITFunction):
@@ -155,14 +158,16 @@ def test_token_order_attends_the_gathered_tokens(b, n, d, per_head, kernel):
 
 def test_restore_order_refuses_an_order_that_is_not_a_permutation():
     """restore_order writes output row token_order[i]: an order with a repeated token (so one
-    missing) is refused, checked once per tensor and again after an in-place change; without
-    restore_order a repeated token is a plain gather (the output of the gathered tokens)."""
+    missing) is refused, checked once per tensor (then known) and again after an in-place change;
+    a plan's order is known from the start (no check, no host sync); without restore_order a
+    repeated token is a plain gather (the output of the gathered tokens)."""
     n, d = 300, 64
     q, k, v = qkv(1, 2, n, n, d, case_dtype(torch.float32), seed=7)
     mask = block_mask(1, 2, n, n, 128, seed=7)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    assert not is_known_permutation(order)
     attend(q, k, v, mask, "triton", token_order=order, restore_order=True)
-    assert block_sparse._permutations[id(order)][0]() is order  # checked once, remembered
+    assert is_known_permutation(order)  # checked once
     order[5] = order[6]  # in place: now token order[6] twice
     with pytest.raises(ValueError, match=r"token_order must hold each of its N = 300 tokens once .* "
                                          r"restore_order=False"):
@@ -172,6 +177,10 @@ def test_restore_order_refuses_an_order_that_is_not_a_permutation():
         attend(q, k, v, mask, "triton", token_order=repeated, restore_order=True)
     gathered = [t[:, :, order] for t in (q, k, v)]
     assert torch.equal(attend(q, k, v, mask, "triton", token_order=order), attend(*gathered, mask, "triton"))
+    layout = VideoLayout(frames=3, height=16, width=24, text_len=64, text_position="after")
+    for config in (RainFusionConfig(), RainFusion2Config()):
+        x = torch.randn(1, 2, layout.num_tokens, d)
+        assert is_known_permutation(plan_attention(x, x, layout, config, d**-0.5).order)
 
 
 @pytest.mark.parametrize("n, d, block_size, counts, kernel", with_kernels([

@@ -2,8 +2,8 @@
 
 ``block_sparse_attention_triton`` validates its inputs, unpacks the BlockSparseMask and calls
 ``torch.ops.rainfusion.block_sparse_attention_triton`` (plain tensors and scalars, with a fake
-implementation so torch.compile can trace it). It never synchronises with the host, but once per
-``token_order`` tensor given with ``restore_order`` (``_check_permutation``).
+implementation so torch.compile can trace it). It never synchronises with the host, but once for
+a ``token_order`` given with ``restore_order`` that no plan made (``_check_permutation``).
 
 On Hopper GPUs the Gluon kernel (``_block_sparse_fwd_gluon``) runs where it applies, the Triton
 one (``_block_sparse_fwd``) everywhere else; ``kernel`` picks one explicitly. ``precision="fp8"``
@@ -15,7 +15,6 @@ under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was
 """
 
 import math
-import weakref
 from typing import Optional, Union
 
 import torch
@@ -25,6 +24,7 @@ from triton.runtime import JITFunction
 from .._logging import log_fp8_fallback, log_once
 from .._validation import check_kv_valid_len, check_precision, check_qkv
 from ..mask import BlockSparseMask, check_block_mask, num_blocks
+from ..permutation import is_known_permutation, mark_permutation
 from . import _block_sparse_fwd
 from .gather_rows import gather_rows_triton
 from .memory import empty_like_layout, on_device
@@ -326,21 +326,14 @@ def _check_token_order(token_order: torch.Tensor, query: torch.Tensor, key: torc
                          f"Nq={n}, Nk={key.shape[2]}; gather the tensors yourself for other cases")
 
 
-# token_order tensors found to be permutations: id -> (a weak reference, the tensor's version then)
-_permutations: dict[int, tuple[weakref.ref, int]] = {}
-
-
 def _check_permutation(token_order: torch.Tensor) -> None:
     """With restore_order the kernels write output row token_order[i] for each i: an order that
-    repeats a token would leave rows unwritten. Checked on the host once per tensor (again after
-    an in-place change: its version moves; inference tensors have none, so not after theirs), so
-    a plan's cached order costs one check; not while torch.compile traces or a CUDA graph is
-    captured (no host sync there)."""
+    repeats a token would leave rows unwritten. An order not known to be a permutation (plans'
+    orders are: ``permutation.mark_permutation``) is checked on the host once, and again after an
+    in-place change; not while torch.compile traces or a CUDA graph is captured (no host sync)."""
     if torch.compiler.is_compiling() or (token_order.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    key, version = id(token_order), -1 if token_order.is_inference() else token_order._version
-    seen = _permutations.get(key)
-    if seen is not None and seen[0]() is token_order and seen[1] == version:
+    if is_known_permutation(token_order):
         return
     n = token_order.shape[-1]
     rows = token_order.reshape(-1, n).sort(dim=1).values
@@ -348,4 +341,4 @@ def _check_permutation(token_order: torch.Tensor) -> None:
         raise ValueError(f"token_order must hold each of its N = {n} tokens once (a permutation of 0..N-1 per "
                          "row) with restore_order=True, which writes output row token_order[i]; with a token "
                          "repeated or missing pass restore_order=False and gather the output yourself")
-    _permutations[key] = (weakref.ref(token_order, lambda _, key=key: _permutations.pop(key, None)), version)
+    mark_permutation(token_order)
