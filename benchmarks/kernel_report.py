@@ -21,6 +21,7 @@ from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block
 INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
 POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32", "out_index_ptr": "*i64",
+                 "schedule_ptr": "*i32",
                  "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 
 

@@ -386,7 +386,7 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
 def block_sparse_fwd_kernel(
     q_in, k_in, v_in, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    ones_in, stride_qb, stride_qh, stride_qn,
+    ones_in, schedule_ptr, stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
@@ -410,10 +410,12 @@ def block_sparse_fwd_kernel(
     (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. FP8 block scales float32
     q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel [B, H, D]
     (unit stride). out_index int64 [B, H, Nq] (with HAS_OUT_INDEX): query i's row of out and lse
-    is out_index[b, h, i]. Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
-    partitions add 5)."""
-    q_block = gl.program_id(0)
+    is out_index[b, h, i]. schedule int32 [B * H, q_blocks]: program (i, bh) takes query block
+    schedule[bh, i] of its head (each head's longest rows first: a long row started last would run
+    on while the other SMs idle). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the
+    other two partitions add 5)."""
     pid_bh = gl.program_id(1)
+    q_block = gl.load(schedule_ptr + pid_bh * gl.num_programs(0) + gl.program_id(0))
     b = (pid_bh // num_heads).to(gl.int64)
     h = (pid_bh % num_heads).to(gl.int64)
     row = q_block.to(gl.int64)
