@@ -410,12 +410,16 @@ def block_sparse_fwd_kernel(
     (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. FP8 block scales float32
     q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel [B, H, D]
     (unit stride). out_index int64 [B, H, Nq] (with HAS_OUT_INDEX): query i's row of out and lse
-    is out_index[b, h, i]. schedule int32 [B * H, q_blocks]: program (i, bh) takes query block
-    schedule[bh, i] of its head (each head's longest rows first: a long row started last would run
-    on while the other SMs idle). Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the
-    other two partitions add 5)."""
+    is out_index[b, h, i]. schedule int32 [B * H, q_blocks] (with FP8; without, the grid order):
+    program (i, bh) takes query block schedule[bh, i] of its head (each head's longest rows first:
+    a long row started last would run on while the other SMs idle; on the H200 bf16's sparse rows
+    ran 1-2% slower with it and its v2 end to end no faster, benchmarks/NOTES.md). Grid:
+    (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
     pid_bh = gl.program_id(1)
-    q_block = gl.load(schedule_ptr + pid_bh * gl.num_programs(0) + gl.program_id(0))
+    if FP8:
+        q_block = gl.load(schedule_ptr + pid_bh * gl.num_programs(0) + gl.program_id(0))
+    else:
+        q_block = gl.program_id(0)
     b = (pid_bh // num_heads).to(gl.int64)
     h = (pid_bh % num_heads).to(gl.int64)
     row = q_block.to(gl.int64)

@@ -162,11 +162,11 @@ def fp8_descriptors(q8: torch.Tensor, k8: torch.Tensor, v8t: torch.Tensor, ones:
 
 def longest_rows_first(counts: torch.Tensor, b: int, h: int) -> torch.Tensor:
     """int32 [B * H, q_blocks]: each head's query blocks by decreasing count of listed key blocks
-    (ties in block order), the Gluon kernel's schedule. Programs start in grid order, one per SM
-    at a time, so a long row (v2's dense first-frame and text rows) taken last by the last head
-    would run on alone; longest first, the short rows fill in behind it. Within a head, so that
-    the programs on the SMs at once still share that head's K/V in L2. counts: int32 [B or 1,
-    H or 1, q_blocks]."""
+    (ties in block order), the Gluon kernel's schedule with FP8. Programs start in grid order, one
+    per SM at a time, so a long row (v2's dense first-frame and text rows) taken last by the last
+    head would run on alone; longest first, the short rows fill in behind it. Within a head, so
+    that the programs on the SMs at once still share that head's K/V in L2. counts: int32 [B or
+    1, H or 1, q_blocks]."""
     counts = counts.expand(b, h, counts.shape[-1])
     return torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32).view(b * h, -1)
 
@@ -229,7 +229,7 @@ def _block_sparse_attention_op(
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
             # (out and counts stand in for the pointers of an absent lse and kv_valid)
             q_in, k_in, v_in, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
-            q_scale, k_scale, v_scale, ones, longest_rows_first(counts, b, h),
+            q_scale, k_scale, v_scale, ones, longest_rows_first(counts, b, h) if fp8 else counts,
             *(query.stride()[:3] if not fp8 else (0, 0, 0)), *(key.stride()[:3] if not fp8 else (0, 0, 0)),
             *v_strides, out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
