@@ -21,8 +21,8 @@ from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block
 INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
 POINTER_TYPES = {"lse_ptr": "*fp32", "counts_ptr": "*i32", "indices_ptr": "*i32", "kv_valid_ptr": "*i32", "out_index_ptr": "*i64",
-                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
-                 "ones_ptr": "*fp8e4nv"}
+                 "schedule_ptr": "*i32",
+                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
 
 
 def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, num_stages: int,
@@ -38,28 +38,38 @@ def compile_for_sm90(head_dim: int, block_q: int, block_n: int, num_warps: int, 
 def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16", fp8: bool = False):
     """The Gluon kernel as launched (3 stages, or FP8_STAGES with ``fp8``; no valid key count),
     like ``compile_for_sm90``; with ``fp8`` its e4m3 inputs (the output stays ``dtype``)."""
+    import torch
     from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
 
     constants = dict(HEAD_DIM=head_dim, BLOCK=128, STAGES=block_sparse.FP8_STAGES if fp8 else 3, RETURN_LSE=False,
                      HAS_KV_VALID=False, FP8=fp8, HAS_OUT_INDEX=False, stride_iw=1, stride_ln=1)
-    types = dict(q_ptr="*i8", k_ptr="*i8", v_ptr="*fp8e4nv") if fp8 else {}
+    names = ("q_in", "k_in", "v_in", "ones_in")
+    if fp8:  # its host descriptors' types, from descriptors of small CPU tensors
+        q, k = (torch.zeros(1, 1, 128, head_dim, dtype=torch.int8) for _ in range(2))
+        v, ones = torch.zeros(1, 1, head_dim, 128, dtype=torch.float8_e4m3fn), torch.zeros(8, 128, dtype=torch.float8_e4m3fn)
+        types = dict(zip(names, map(mangle_type, block_sparse.fp8_descriptors(q, k, v, ones, 128))))
+    else:
+        types = dict.fromkeys(names, "*" + dtype)
     return _compile(_block_sparse_fwd_gluon.block_sparse_fwd_kernel, GluonASTSource, constants, dtype,
                     dict(num_warps=4), types)
 
 
 def _compile(fn, source, constants: dict, dtype: str, options: dict, types: dict | None = None):
-    """triton.compile for sm_90 with pointers typed by name (``types`` first, then
-    POINTER_TYPES, else ``dtype``), the rest int32 (scale fp32)."""
+    """triton.compile for sm_90 with arguments typed by name (``types`` first: pointers or
+    descriptors; then pointers by POINTER_TYPES, else ``dtype``), the rest int32 (scale fp32)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name], constexprs[(i,)] = "constexpr", constants[name]
             continue
-        if name.endswith("_ptr"):
-            signature[name] = (types or {}).get(name, POINTER_TYPES.get(name, "*" + dtype))
+        if name in (types or {}):
+            signature[name] = types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, "*" + dtype)
         else:
             signature[name] = "fp32" if name == "qk_scale_log2" else "i32"
-        if name.endswith("_ptr") or name.startswith("stride_"):
+        if signature[name].startswith("*") or name.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(source(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 

@@ -336,6 +336,24 @@ def test_rejects_cpu_tensors_for_the_compiled_kernel(monkeypatch, kernel):
                                       scale=0.125, kernel=kernel)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 11), (1, 3, 11), (2, 1, 11), (1, 1, 7)])
+def test_longest_rows_first_orders_each_heads_blocks_by_count(shape):
+    """The Gluon kernel's schedule: per (batch, head), every query block once, by decreasing
+    count, equal counts in block order (a dense mask keeps the grid order); broadcast counts
+    expanded to all B x H."""
+    b, h = 2, 3
+    g = torch.Generator().manual_seed(sum(shape))
+    counts = torch.randint(0, 4, shape, generator=g, dtype=torch.int32)  # many ties
+    schedule = block_sparse.longest_rows_first(counts, b, h)
+    assert schedule.dtype == torch.int32 and schedule.shape == (b * h, shape[-1])
+    for bh in range(b * h):
+        row = counts.expand(b, h, -1)[bh // h, bh % h].tolist()
+        want = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        assert schedule[bh].tolist() == want
+    dense = torch.full((1, 1, 5), 5, dtype=torch.int32)
+    assert torch.equal(block_sparse.longest_rows_first(dense, 1, 2), torch.arange(5, dtype=torch.int32).repeat(2, 1))
+
+
 @pytest.mark.parametrize("version,tested", [("3.6.0", True), ("3.6.1+git1234", True), ("3.7.1", False),
                                             ("3.9.0", False), ("3.10.0", False), ("4.6.0", False)])
 def test_gluon_runs_only_on_the_triton_releases_it_was_tested_on(version, tested):

@@ -46,29 +46,30 @@ def _kv_block(index_row, slot, stride_iw, is_full):
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
-            kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK: gl.constexpr,
-            STAGES: gl.constexpr, FP8: gl.constexpr):
+            kv_empty, ones_ready, q_row0, kv_row0, v_row0, index_row, stride_iw, count, is_full, q_start,
+            BLOCK: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr):
     """Loader partition (one warp): with FP8 the ones tile (``_issue_row_sum``), the two halves
-    of the query block, then K and V tiles (V^T tiles [D, BLOCK] with FP8)."""
+    of the query block, then K and V tiles (V^T tiles [D, BLOCK] with FP8). q_row0, kv_row0,
+    v_row0: the head's first row in the descriptors (0 in per-head ones)."""
     if FP8:
         mbarrier.expect(ones_ready, ones_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(ones_desc, [0, 0], ones_ready, ones_smem)
     for half in gl.static_range(2):
         mbarrier.expect(q_ready.index(half), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_start + half * ROWS_PER_CONSUMER, 0], q_ready.index(half),
-                                        q_smem.index(half))
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + q_start + half * ROWS_PER_CONSUMER, 0],
+                                        q_ready.index(half), q_smem.index(half))
     for it in range(count):
         stage = it % STAGES
         phase = (it // STAGES) & 1
         start = _kv_block(index_row, it, stride_iw, is_full) * BLOCK
         mbarrier.wait(kv_empty.index(stage), phase ^ 1)  # a fresh barrier passes parity 1 at once
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [start, 0], k_ready.index(stage), k_smem.index(stage))
+        tma.async_copy_global_to_shared(k_desc, [kv_row0 + start, 0], k_ready.index(stage), k_smem.index(stage))
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
         if FP8:
-            tma.async_copy_global_to_shared(v_desc, [0, start], v_ready.index(stage), v_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [v_row0, start], v_ready.index(stage), v_smem.index(stage))
         else:
-            tma.async_copy_global_to_shared(v_desc, [start, 0], v_ready.index(stage), v_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [kv_row0 + start, 0], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -384,8 +385,8 @@ def _consumer(half, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready
 
 @gluon.jit(do_not_specialize=["q_len", "kv_len", "kv_blocks"])
 def block_sparse_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    ones_ptr, stride_qb, stride_qh, stride_qn,
+    q_in, k_in, v_in, out_ptr, lse_ptr, counts_ptr, indices_ptr, kv_valid_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    ones_in, schedule_ptr, stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
@@ -397,44 +398,56 @@ def block_sparse_fwd_kernel(
     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr, RETURN_LSE: gl.constexpr,
     HAS_KV_VALID: gl.constexpr, FP8: gl.constexpr, HAS_OUT_INDEX: gl.constexpr = False,
 ):
-    """q [B, H, Nq, D], k/v [B, H, Nk, D], out [B, H, Nq, D] with unit D stride; lse float32
-    [B, H, Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid
-    int32 [B] (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. With FP8: q,
-    k int8 as above, v e4m3 transposed [B, H, D, Nk padded to whole blocks, zeros after Nk], its
-    tokens in the P operand order (``_mma_operand``; stride_vn: its row stride = padded width); block
-    scales float32 q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel
-    [B, H, D] (unit stride); ones_ptr: an [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``).
-    out_index int64 [B, H, Nq] (with HAS_OUT_INDEX): query i's row of out and lse is
-    out_index[b, h, i]. Grid: (q_blocks, B * H); num_warps=4 (the first consumer; the other two
-    partitions add 5)."""
-    q_block = gl.program_id(0)
+    """q, k, v: pointers (16 bits) of q [B, H, Nq, D], k/v [B, H, Nk, D] with unit D stride and
+    the given strides; with FP8 host TMA descriptors (``block_sparse.fp8_descriptors``) of the
+    pre-pass's contiguous buffers with the heads flattened: q, k int8 [B * H * N, D] (boxes [64,
+    D], [BLOCK, D]), v e4m3 transposed [B * H * D, Nk padded to whole blocks, zeros after Nk]
+    (box [D, BLOCK]), its tokens in the P operand order (``_mma_operand``), and ``ones_in`` of an
+    [8, BLOCK] e4m3 tile of ones (``_issue_row_sum``; without FP8 a pointer that stands in). A
+    tile past a head's last query or key row reads the next head's rows there: masked like the
+    zeros of a per-head descriptor. out [B, H, Nq, D] with unit D stride; lse float32 [B, H,
+    Nq]; counts int32 [B, H, q_blocks]; indices int32 [B, H, q_blocks, width]; kv_valid int32 [B]
+    (with HAS_KV_VALID): keys at positions >= kv_valid[b] are masked out. FP8 block scales float32
+    q [B, H, q_blocks], k [B, H, kv_blocks] (unit block stride) and v per channel [B, H, D]
+    (unit stride). out_index int64 [B, H, Nq] (with HAS_OUT_INDEX): query i's row of out and lse
+    is out_index[b, h, i]. schedule int32 [B * H, q_blocks] (with FP8; without, the grid order):
+    program (i, bh) takes query block schedule[bh, i] of its head (each head's longest rows first:
+    a long row started last would run on while the other SMs idle; on the H200 bf16's sparse rows
+    ran 1-2% slower with it and its v2 end to end no faster, benchmarks/NOTES.md). Grid:
+    (q_blocks, B * H); num_warps=4 (the first consumer; the other two partitions add 5)."""
     pid_bh = gl.program_id(1)
+    if FP8:
+        q_block = gl.load(schedule_ptr + pid_bh * gl.num_programs(0) + gl.program_id(0))
+    else:
+        q_block = gl.program_id(0)
     b = (pid_bh // num_heads).to(gl.int64)
     h = (pid_bh % num_heads).to(gl.int64)
     row = q_block.to(gl.int64)
     q_start = q_block * BLOCK
-    dtype: gl.constexpr = q_ptr.dtype.element_ty  # q and k (int8 with FP8)
-    v_dtype: gl.constexpr = v_ptr.dtype.element_ty
     BITS: gl.constexpr = 8 if FP8 else 16
     # rows of HEAD_DIM elements (q, k; v without FP8) and, with FP8, V^T rows of BLOCK elements
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, HEAD_DIM * BITS // 8),
                                                      element_bitwidth=BITS, rank=2)
     vt_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=BITS, rank=2)
-    q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
-                                        strides=[stride_qn, 1], block_shape=[ROWS_PER_CONSUMER, HEAD_DIM],
-                                        layout=tile_layout)
-    k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_kn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
-    if FP8:  # V^T: [D, Nk padded to whole blocks] per head, its padded width = its row stride
-        v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[HEAD_DIM, stride_vn],
-                                            strides=[stride_vn, 1], block_shape=[HEAD_DIM, BLOCK], layout=vt_layout)
-        v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
-        ones_desc = tma.make_tensor_descriptor(ones_ptr, shape=[8, BLOCK], strides=[BLOCK, 1], block_shape=[8, BLOCK],
-                                               layout=vt_layout)
-        ones_smem = gl.allocate_shared_memory(v_dtype, [8, BLOCK], vt_layout)
-    else:
-        v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
-                                            strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM], layout=tile_layout)
+    if FP8:  # host descriptors, built once per launch: no descriptor is made in each program
+        q_desc, k_desc, v_desc, ones_desc = q_in, k_in, v_in, ones_in
+        q_row0, kv_row0, v_row0 = pid_bh * q_len, pid_bh * kv_len, pid_bh * HEAD_DIM
+        dtype: gl.constexpr = q_in.dtype  # int8
+        v_smem = gl.allocate_shared_memory(v_in.dtype, [STAGES, HEAD_DIM, BLOCK], vt_layout)
+        ones_smem = gl.allocate_shared_memory(v_in.dtype, [8, BLOCK], vt_layout)
+    else:  # per-head descriptors of the caller's tensors (16-bit host descriptors of [B, H, N, D]
+        # boxes made rows of 186 blocks 3% slower, H200, benchmarks/NOTES.md session 10)
+        dtype: gl.constexpr = q_in.dtype.element_ty
+        q_desc = tma.make_tensor_descriptor(q_in + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                            strides=[stride_qn, 1], block_shape=[ROWS_PER_CONSUMER, HEAD_DIM],
+                                            layout=tile_layout)
+        k_desc = tma.make_tensor_descriptor(k_in + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_kn, 1], block_shape=[BLOCK, HEAD_DIM],
+                                            layout=tile_layout)
+        v_desc = tma.make_tensor_descriptor(v_in + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_vn, 1], block_shape=[BLOCK, HEAD_DIM],
+                                            layout=tile_layout)
+        q_row0, kv_row0, v_row0 = 0, 0, 0
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], tile_layout)
         ones_desc, ones_smem = v_desc, v_smem  # (unused)
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS_PER_CONSUMER, HEAD_DIM], tile_layout)
@@ -479,5 +492,6 @@ def block_sparse_fwd_kernel(
                      q_start, q_len, key_limit, qk_scale_log2, k_scale_row, v_scale_row, BLOCK, HEAD_DIM, STAGES,
                      RETURN_LSE, FP8, HAS_OUT_INDEX)),
         (_loader, (q_desc, k_desc, v_desc, ones_desc, q_smem, k_smem, v_smem, ones_smem, q_ready, k_ready, v_ready,
-                   kv_empty, ones_ready, index_row, stride_iw, count, is_full, q_start, BLOCK, STAGES, FP8)),
+                   kv_empty, ones_ready, q_row0, kv_row0, v_row0, index_row, stride_iw, count, is_full, q_start,
+                   BLOCK, STAGES, FP8)),
     ], [4, 1], [232, 40])

@@ -140,6 +140,37 @@ def _tma_aligned(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def fp8_descriptors(q8: torch.Tensor, k8: torch.Tensor, v8t: torch.Tensor, ones: torch.Tensor,
+                    block_size: int) -> tuple:
+    """Host TMA descriptors (Gluon's) of the FP8 path's contiguous buffers (``fp8``), the heads
+    flattened: q8, k8 int8 [B, H, N, D] as [B * H * N, D] (boxes [block_size / 2, D] for a
+    consumer's half of a query block, [block_size, D]), v8t e4m3 [B, H, D, Nk padded] as [B * H *
+    D, Nk padded] (box [D, block_size]) and the [8, block_size] ones tile whole. Made once per
+    launch, they spare each program four in-kernel descriptors (~3.4 us, H200:
+    benchmarks/NOTES.md session 10)."""
+    from triton.experimental.gluon.language import NVMMASharedLayout
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    def flat(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
+        layout = NVMMASharedLayout(swizzle_byte_width=min(128, cols), element_bitwidth=8, rank=2)
+        return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), [rows, cols], layout)
+
+    d = q8.shape[-1]
+    return (flat(q8, block_size // 2, d), flat(k8, block_size, d), flat(v8t, d, block_size),
+            flat(ones, *ones.shape))
+
+
+def longest_rows_first(counts: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """int32 [B * H, q_blocks]: each head's query blocks by decreasing count of listed key blocks
+    (ties in block order), the Gluon kernel's schedule with FP8. Programs start in grid order, one
+    per SM at a time, so a long row (v2's dense first-frame and text rows) taken last by the last
+    head would run on alone; longest first, the short rows fill in behind it. Within a head, so
+    that the programs on the SMs at once still share that head's K/V in L2. counts: int32 [B or
+    1, H or 1, q_blocks]."""
+    counts = counts.expand(b, h, counts.shape[-1])
+    return torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32).view(b * h, -1)
+
+
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Triton's scratch for in-kernel descriptors, on the device the launch runs on."""
     return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
@@ -182,14 +213,15 @@ def _block_sparse_attention_op(
     if fp8 or _use_gluon(query, key, value, block_size, kernel):
         from . import _block_sparse_fwd_gluon
 
-        triton.set_allocator(_descriptor_scratch)  # its in-kernel TMA descriptors
+        triton.set_allocator(_descriptor_scratch)  # its in-kernel TMA descriptors (16 bits)
         if fp8:
             from .fp8 import quantize_attention_inputs, row_sum_ones
 
             q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
                 query, key, value, block_size, token_order)
-            v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(2))  # V^T [B, H, D, Nk]: rows along D
+            v_strides = (0, 0, 0)  # (in the descriptors)
             ones = row_sum_ones(query.device, block_size)
+            q_in, k_in, v_in, ones = fp8_descriptors(q_in, k_in, v_in, ones, block_size)
         else:  # (q stands in for the pointers of the absent scales and ones)
             q_in, k_in, v_in = query, key, value
             q_scale = k_scale = v_scale = ones = query
@@ -197,8 +229,8 @@ def _block_sparse_attention_op(
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
             # (out and counts stand in for the pointers of an absent lse and kv_valid)
             q_in, k_in, v_in, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
-            q_scale, k_scale, v_scale, ones,
-            q_in.stride(0), q_in.stride(1), q_in.stride(2), k_in.stride(0), k_in.stride(1), k_in.stride(2),
+            q_scale, k_scale, v_scale, ones, longest_rows_first(counts, b, h) if fp8 else counts,
+            *(query.stride()[:3] if not fp8 else (0, 0, 0)), *(key.stride()[:3] if not fp8 else (0, 0, 0)),
             *v_strides, out.stride(0), out.stride(1), out.stride(2),
             *lse_strides, *counts.stride(), *indices.stride(),
             *(q_scale.stride()[:2] if fp8 else (0, 0)), *(k_scale.stride()[:2] if fp8 else (0, 0)),
