@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,24 @@ def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int =
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def back_to_back_ms(fn, calls: int = 20) -> tuple[float, float]:
+    """(GPU ms per call, host ms per call) of ``calls`` calls issued back to back after a warm-up:
+    the GPU time with the host running ahead (as in a model's forward, where other work keeps the
+    queue full), and the host's time to issue one call. ``time_ms``'s single call is the larger of
+    the two, roughly, where the host is the slower."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - began) * 1e3 / calls
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls, host
 
 
 def random_block_mask(batch: int, heads: int, n: int, density: float, block_size: int = 128,

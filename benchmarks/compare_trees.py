@@ -5,9 +5,11 @@ Each tree (``LABEL=PATH`` of a ``src`` folder, e.g. main's copied by ``git archi
 clock and the card's state drift evenly over them. A process times our block-sparse kernel
 (``backend="triton"``) with FP8 and in bf16 at ``--keeps`` random key blocks per query block and
 v2 0.8 end to end with both, at one preset, and SDPA cuDNN dense as the baseline of the end to
-end ratios; each of our outputs' sum of squares comes along, so that a refactor meant to leave
-the arithmetic alone shows it did (equal sums across trees). The table gives each tree's median
-over rounds and its speed-up over the first tree.
+end ratios: each call once, as ``benchmarks/attention.py`` times it, and up to 20 back to back
+(the GPU's and the host's time per call: where the host is the slower, the single call's time
+is the host's). Each of our outputs' sum of squares comes along, so that a refactor meant to
+leave the arithmetic alone shows it did (equal sums across trees). The tables give each tree's
+median over rounds and its speed-up over the first tree.
 
     python benchmarks/compare_trees.py --trees main=.before/src new=src [--preset hunyuan-720p]
         [--keeps 1 186 931] [--rounds 2] [--out compare.json]
@@ -61,11 +63,12 @@ def keep_mask(heads: int, n: int, keep: int):
 
 
 def measure(preset: str, keeps: list[int]) -> list[dict]:
-    """(in the tree's process) rows of what, ms, checksum."""
+    """(in the tree's process) rows of what, ms (one call, ``time_ms``), back_to_back_ms and
+    host_ms (GPU and host time per call of up to 20 issued back to back), checksum."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attention import time_ms
+    from attention import back_to_back_ms, time_ms
     from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
     from rainfusion.tools.bench import PRESETS
 
@@ -82,10 +85,15 @@ def measure(preset: str, keeps: list[int]) -> list[dict]:
         config = RainFusion2Config(precision=precision)
         calls[f"v2 end to end {precision}"] = (
             lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
-    rows = [dict(what=what, ms=time_ms(fn), checksum=float(fn().double().pow(2).sum())) for what, fn in calls.items()]
+    def row(what, fn, checksum=True):
+        ms = time_ms(fn)
+        gpu, host = back_to_back_ms(fn, calls=max(3, min(20, round(1000 / ms))))
+        return dict(what=what, ms=ms, back_to_back_ms=gpu, host_ms=host,
+                    checksum=float(fn().double().pow(2).sum()) if checksum else 0.0)
+
+    rows = [row(what, fn) for what, fn in calls.items()]
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # the end-to-end ratios' baseline, in the same process
-        rows.append(dict(what="sdpa cudnn dense", ms=time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
-                         checksum=0.0))
+        rows.append(row("sdpa cudnn dense", lambda: F.scaled_dot_product_attention(q, k, v), checksum=False))
     return rows
 
 
@@ -125,14 +133,16 @@ def main() -> None:
     if not labels or labels[0] != trees[0][0]:
         raise RuntimeError(f"the reference tree {trees[0][0]} gave no timings")
     whats = list(dict.fromkeys(row["what"] for row in rows))
-    median = {(w, t): statistics.median(r["ms"] for r in rows if r["what"] == w and r["tree"] == t)
-              for w in whats for t in labels}
     print(f"{args.preset}: median ms of {args.rounds} rounds (speed-up over {labels[0]}); '=': equal output checksums")
-    print(f"{'':28s}" + "".join(f"{label:>22s}" for label in labels))
-    for w in whats:
-        sums = {r["checksum"] for r in rows if r["what"] == w}
-        cells = "".join(f"{median[w, t]:>12.3f} ({median[w, labels[0]] / median[w, t]:5.3f}x)" for t in labels)
-        print(f"{w:26s}{'=' if len(sums) == 1 else ' '} {cells}")
+    for key, title in (("ms", "one call"), ("back_to_back_ms", "GPU per call, 20 back to back"),
+                       ("host_ms", "host per call, 20 back to back")):
+        median = {(w, t): statistics.median(r[key] for r in rows if r["what"] == w and r["tree"] == t)
+                  for w in whats for t in labels}
+        print(f"{title:28s}" + "".join(f"{label:>22s}" for label in labels))
+        for w in whats:
+            sums = {r["checksum"] for r in rows if r["what"] == w}
+            cells = "".join(f"{median[w, t]:>12.3f} ({median[w, labels[0]] / median[w, t]:5.3f}x)" for t in labels)
+            print(f"{w:26s}{'=' if len(sums) == 1 else ' '} {cells}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
