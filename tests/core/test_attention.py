@@ -195,10 +195,12 @@ def test_fa4_backend_is_refused_where_it_does_not_apply():
 
 
 @pytest.mark.gpu
-def test_sparse_attention_compiles_on_gpu():
+@pytest.mark.parametrize("precision", ["native", "fp8"])
+def test_sparse_attention_compiles_on_gpu(precision):
+    # (FP8 where its kernel runs, else the logged native fallback, under the compiled graph too)
     layout = VideoLayout(5, 16, 32, text_len=40, text_position="after")
     q, k, v = (t.cuda() for t in qkv(layout, b=1, h=4, d=128, seed=12, dtype=torch.bfloat16))
-    config = RainFusion2Config()
+    config = RainFusion2Config(precision=precision)
     eager = sparse_attention(q, k, v, layout=layout, config=config, backend="triton")
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, layout=layout, config=config, backend="triton"))
     assert relative_l2(compiled(q, k, v), eager) < 1e-2

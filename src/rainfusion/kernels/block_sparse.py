@@ -14,6 +14,7 @@ under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was
 (float32 is accepted there only).
 """
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -148,16 +149,23 @@ def fp8_descriptors(q8: torch.Tensor, k8: torch.Tensor, v8t: torch.Tensor, ones:
     D, Nk padded] (box [D, block_size]) and the [8, block_size] ones tile whole. Made once per
     launch, they spare each program four in-kernel descriptors (~3.4 us, H200:
     benchmarks/NOTES.md session 10)."""
-    from triton.experimental.gluon.language import NVMMASharedLayout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     def flat(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-        layout = NVMMASharedLayout(swizzle_byte_width=min(128, cols), element_bitwidth=8, rank=2)
-        return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), [rows, cols], layout)
+        return TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), [rows, cols], _fp8_tile_layout(cols))
 
     d = q8.shape[-1]
     return (flat(q8, block_size // 2, d), flat(k8, block_size, d), flat(v8t, d, block_size),
             flat(ones, *ones.shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_tile_layout(cols: int):
+    """The shared-memory layout of an 8-bit tile with rows of ``cols`` bytes (made once: its
+    checks took 40% of ``fp8_descriptors``' host time)."""
+    from triton.experimental.gluon.language import NVMMASharedLayout
+
+    return NVMMASharedLayout(swizzle_byte_width=min(128, cols), element_bitwidth=8, rank=2)
 
 
 def longest_rows_first(counts: torch.Tensor, b: int, h: int) -> torch.Tensor:
