@@ -1,9 +1,9 @@
-"""Compile our Triton kernel (or, with --gluon, the Gluon one) for an H100 (sm_90) on any machine,
-no GPU needed, and report what the compiler made of it: registers, spills, shared memory, and
-counts of the instructions that matter (wgmma, exponentials, waits, CTA barriers, local-memory
-traffic). The SASS goes to --out.
+"""Compile our Triton kernel (or, with --gluon, the Gluon one; with --prepass, one of the FP8
+pre-pass's three quantizations) for an H100 (sm_90) on any machine, no GPU needed, and report what
+the compiler made of it: registers, spills, shared memory, and counts of the instructions that
+matter (wgmma, exponentials, waits, CTA barriers, local-memory traffic). The SASS goes to --out.
 
-    python benchmarks/kernel_report.py [--head-dim 128] [--gluon [--fp8]] [--out /tmp/kernel]
+    python benchmarks/kernel_report.py [--head-dim 128] [--gluon [--fp8] | --prepass q|k|v] [--out /tmp/kernel]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, block_sparse
+from rainfusion.kernels import _block_sparse_fwd, _block_sparse_fwd_gluon, _quantize_fp8, block_sparse
+from rainfusion.kernels.fp8 import FP8_MAX
 
 INSTRUCTIONS = ["HGMMA", "QGMMA", "SHFL", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "SYNCS", "USETMAXREG", "LDL", "STL"]
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_iw", "stride_ln")
@@ -55,9 +56,26 @@ def compile_gluon_for_sm90(head_dim: int, dtype: str = "bf16", fp8: bool = False
                     dict(num_warps=4), types)
 
 
-def _compile(fn, source, constants: dict, dtype: str, options: dict, types: dict | None = None):
+def compile_prepass_for_sm90(head_dim: int, tensor: str):
+    """The FP8 pre-pass's kernel as ``fp8.quantize_attention_inputs`` launches it on bf16 [B, H, N,
+    D] tensors gathered by one token order: ``tensor`` "q" (int8 blocks), "k" (int8, centred) or
+    "v" (e4m3 V^T in the P operand order, per-channel scales). Rows written a multiple of 16 (V^T's
+    always are; q's and k's where N is, as at hunyuan-720p)."""
+    int8, transposed = tensor in ("q", "k"), tensor == "v"
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=128,
+                     HAS_CENTER=tensor == "k", WGMMA_ORDER=transposed, FP8_MAX=FP8_MAX, INT8=int8,
+                     CHANNEL_SCALE=transposed, HAS_INDEX=True, stride_xd=1, stride_tn=1, stride_cd=1, stride_csd=1,
+                     **({"stride_on": 1} if transposed else {"stride_od": 1, "stride_sn": 1}))
+    types = dict(x_ptr="*bf16", token_index_ptr="*i64", out_ptr="*i8" if int8 else "*fp8e4nv")
+    return _compile(_quantize_fp8.quantize_blocks_kernel, ASTSource, constants, "fp32", dict(num_warps=8), types,
+                    divisible=("out_rows",))
+
+
+def _compile(fn, source, constants: dict, dtype: str, options: dict, types: dict | None = None,
+             divisible: tuple[str, ...] = ()):
     """triton.compile for sm_90 with arguments typed by name (``types`` first: pointers or
-    descriptors; then pointers by POINTER_TYPES, else ``dtype``), the rest int32 (scale fp32)."""
+    descriptors; then pointers by POINTER_TYPES, else ``dtype``), the rest int32 (scale fp32);
+    pointers, strides and the ``divisible`` integers are multiples of 16, as the launch finds them."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
@@ -69,7 +87,7 @@ def _compile(fn, source, constants: dict, dtype: str, options: dict, types: dict
             signature[name] = POINTER_TYPES.get(name, "*" + dtype)
         else:
             signature[name] = "fp32" if name == "qk_scale_log2" else "i32"
-        if signature[name].startswith("*") or name.startswith("stride_"):
+        if signature[name].startswith("*") or name.startswith("stride_") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(source(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -79,9 +97,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, choices=block_sparse.HEAD_DIMS)
     parser.add_argument("--gluon", action="store_true", help="the Gluon kernel (Hopper's path) instead")
     parser.add_argument("--fp8", action="store_true", help="with --gluon: its FP8 path")
+    parser.add_argument("--prepass", choices=("q", "k", "v"), help="the FP8 pre-pass's kernel for q, k or v instead")
     parser.add_argument("--out", default="/tmp/rainfusion-kernel", help="folder for the cubin and SASS")
     args = parser.parse_args()
-    if args.gluon:
+    if args.prepass:
+        kernel = compile_prepass_for_sm90(args.head_dim, args.prepass)
+        setting = f"FP8 pre-pass of {args.prepass}"
+    elif args.gluon:
         kernel = compile_gluon_for_sm90(args.head_dim, fp8=args.fp8)
         setting = "Gluon FP8" if args.fp8 else "Gluon"
     else:
