@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare|profile] [extra args for the script or pytest; treetests, compare, profile: tree names]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare|profile|hostprofile] [extra args for the script or pytest; treetests, compare, profile: tree names]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -65,6 +65,9 @@ fi
 if [ "$what" = profile ]; then  # ncu of the same trees' kernel, side by side (benchmarks/profile_trees.py; ~1 min a tree)
   timeout 560 python3 benchmarks/profile_trees.py --out "$out/profiles" \
     --trees $(tree_args "$@") 2>&1 | grep -v Warning | tail -40
+fi
+if [ "$what" = hostprofile ]; then  # where the host's time of a call goes (benchmarks/host_profile.py; extra args: --preset ...)
+  timeout 300 python3 benchmarks/host_profile.py "$@" 2>&1 | grep -v Warning | tee "$out/host-profile.txt" | tail -120
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
