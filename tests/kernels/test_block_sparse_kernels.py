@@ -379,6 +379,14 @@ def test_gluon_kernel_compiles_for_sm90_without_spills():
     assert stack == 0 and "LDL 0, STL 0" in report and shared <= 227 * 1024, report
 
 
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+def test_fp8_prepass_compiles_for_sm90_without_spills(tensor):
+    """The FP8 pre-pass's kernel for q, k and V^T uses no local memory (a spill would slow a pass
+    that runs at the copy rate)."""
+    _, stack, _, report = kernel_report(["--prepass", tensor])
+    assert stack == 0 and "LDL 0, STL 0" in report, report
+
+
 # --- GPU, realistic sizes --------------------------------------------------------------------
 
 
