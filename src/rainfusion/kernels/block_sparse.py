@@ -227,22 +227,23 @@ def _block_sparse_attention_op(
 
             q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
                 query, key, value, block_size, token_order)
-            v_strides = (0, 0, 0)  # (in the descriptors)
             ones = row_sum_ones(query.device, block_size)
             q_in, k_in, v_in, ones = fp8_descriptors(q_in, k_in, v_in, ones, block_size)
-        else:  # (q stands in for the pointers of the absent scales and ones)
+            qkv_strides = (0,) * 9  # (in the descriptors)
+            scale_strides = (*q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2])
+            schedule = longest_rows_first(counts, b, h)
+        else:  # (q stands in for the pointers of the absent scales and ones, counts for the schedule)
             q_in, k_in, v_in = query, key, value
             q_scale = k_scale = v_scale = ones = query
-            v_strides = (value.stride(0), value.stride(1), value.stride(2))
+            qkv_strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
+            scale_strides = (0,) * 6
+            schedule = counts
         _block_sparse_fwd_gluon.block_sparse_fwd_kernel[(num_blocks(q_len, block_size), b * h)](
             # (out and counts stand in for the pointers of an absent lse and kv_valid)
             q_in, k_in, v_in, out, lse if return_lse else out, counts, indices, counts if kv_valid is None else kv_valid,
-            q_scale, k_scale, v_scale, ones, longest_rows_first(counts, b, h) if fp8 else counts,
-            *(query.stride()[:3] if not fp8 else (0, 0, 0)), *(key.stride()[:3] if not fp8 else (0, 0, 0)),
-            *v_strides, out.stride(0), out.stride(1), out.stride(2),
-            *lse_strides, *counts.stride(), *indices.stride(),
-            *(q_scale.stride()[:2] if fp8 else (0, 0)), *(k_scale.stride()[:2] if fp8 else (0, 0)),
-            *(v_scale.stride()[:2] if fp8 else (0, 0)),
+            q_scale, k_scale, v_scale, ones, schedule,
+            *qkv_strides, out.stride(0), out.stride(1), out.stride(2),
+            *lse_strides, *counts.stride(), *indices.stride(), *scale_strides,
             h, q_len, kv_len, num_blocks(kv_len, block_size), scale * math.log2(math.e),
             out if out_rows is None else out_rows, *out_rows_strides,
             HEAD_DIM=d, BLOCK=block_size, STAGES=FP8_STAGES if fp8 else 3, RETURN_LSE=return_lse,
