@@ -12,7 +12,7 @@ leave the arithmetic alone shows it did (equal sums across trees). The tables gi
 median over rounds and its speed-up over the first tree.
 
     python benchmarks/compare_trees.py --trees main=.before/src new=src [--preset hunyuan-720p]
-        [--keeps 1 186 931] [--rounds 2] [--out compare.json]
+        [--keeps 1 186 931] [--precisions fp8 native] [--rounds 2] [--out compare.json]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def keep_mask(heads: int, n: int, keep: int):
     return random_block_mask(1, heads, n, kept / blocks), kept
 
 
-def measure(preset: str, keeps: list[int]) -> list[dict]:
+def measure(preset: str, keeps: list[int], precisions: list[str]) -> list[dict]:
     """(in the tree's process) rows of what, ms (one call, ``time_ms``), back_to_back_ms and
     host_ms (GPU and host time per call of up to 20 issued back to back), checksum."""
     import torch.nn.functional as F
@@ -77,11 +77,11 @@ def measure(preset: str, keeps: list[int]) -> list[dict]:
     calls = {}
     for keep in keeps:
         mask, kept = keep_mask(spec.heads, spec.layout.num_tokens, keep)
-        for precision in ("fp8", "native"):
+        for precision in precisions:
             calls[f"{precision} {kept} blocks"] = (
                 lambda mask=mask, precision=precision: block_sparse_attention(q, k, v, mask, backend="triton",
                                                                               precision=precision))
-    for precision in ("fp8", "native"):
+    for precision in precisions:
         config = RainFusion2Config(precision=precision)
         calls[f"v2 end to end {precision}"] = (
             lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
@@ -102,13 +102,15 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", help="LABEL=PATH of a src folder, the reference first")
     parser.add_argument("--preset", default="hunyuan-720p")
     parser.add_argument("--keeps", nargs="+", type=int, default=[1, 186, 931], help="key blocks per query block")
+    parser.add_argument("--precisions", nargs="+", default=["fp8", "native"], choices=["fp8", "native"],
+                        help="our kernel's (native: bf16; only fp8 when a change leaves bf16's kernel as it is)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=150, help="seconds a tree's process may take (a hang)")
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # (a tree's process: JSON rows on stdout)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.preset, args.keeps)))
+        print(json.dumps(measure(args.preset, args.keeps, args.precisions)))
         return
     trees = parse_trees(args.trees)
     rows, failed = [], set()
@@ -118,7 +120,8 @@ def main() -> None:
                 continue
             try:
                 done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", label, "--preset",
-                                       args.preset, "--keeps", *map(str, args.keeps)],
+                                       args.preset, "--keeps", *map(str, args.keeps),
+                                       "--precisions", *args.precisions],
                                       env=tree_environment(path), capture_output=True, text=True,
                                       timeout=args.timeout)
                 error = done.stderr[-3000:] if done.returncode != 0 else None
