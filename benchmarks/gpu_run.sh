@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): install the carried wheels, run the GPU tests, benchmark.
-# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare|profile|hostprofile] [extra args for the script or pytest; treetests, compare, profile: tree names]
+# Usage: bash benchmarks/gpu_run.sh [tests|bench|all|sweep|model|pytest|train|demo|gluon|quality|treetests|compare|profile|hostprofile|breakdown] [extra args for the script or pytest; treetests, compare, profile: tree names]
 set -uo pipefail
 what=${1:-all}; shift || true
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -68,6 +68,9 @@ if [ "$what" = profile ]; then  # ncu of the same trees' kernel, side by side (b
 fi
 if [ "$what" = hostprofile ]; then  # where the host's time of a call goes (benchmarks/host_profile.py; extra args: --preset ...)
   timeout 300 python3 benchmarks/host_profile.py "$@" 2>&1 | grep -v Warning | tee "$out/host-profile.txt" | tail -120
+fi
+if [ "$what" = breakdown ]; then  # the GPU's time of a call by kernel (benchmarks/gpu_breakdown.py; extra args: --preset ...)
+  (cd benchmarks && timeout 300 python3 gpu_breakdown.py "$@" 2>&1 | grep -v -i warn | tee "$out/gpu-breakdown.txt" | tail -80)
 fi
 if [ "$what" = pytest ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -8
