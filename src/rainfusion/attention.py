@@ -127,8 +127,10 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = gather_tokens(_compensated(name, *permuted, plan.mask, scale, kv_valid_len, config.precision),
                             plan.inverse)
     else:  # the backend permutes and un-permutes (the triton one's kernels store the rows back in place)
+        # a reused plan's key mean is of earlier keys: the pre-pass then reads this call's
         out = run_block_sparse(name, query, key, value, plan.mask, scale, kv_valid_len, precision=config.precision,
-                               token_order=plan.order, inverse_order=plan.inverse)
+                               token_order=plan.order, inverse_order=plan.inverse,
+                               key_center=None if reuse else plan.key_mean)
     if state is not None:
         state.cache = cache
         overhead = plan.mask.kv_blocks / key.shape[2] if config.compensate else 0.0

@@ -189,7 +189,8 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
                      mask: BlockSparseMask, scale: float, kv_valid_len: torch.Tensor | None = None,
                      return_lse: bool = False, precision: str = "native",
                      token_order: torch.Tensor | None = None,
-                     inverse_order: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     inverse_order: torch.Tensor | None = None,
+                     key_center: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to a resolved backend; tensors [B, H, N, D], output in the input dtype;
     kv_valid_len int32 [B] or None (not with fa4); with ``return_lse`` also the natural
     log-sum-exp of the visited scores, float32 [B, H, N] (-inf for rows that see no key);
@@ -198,7 +199,10 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
     order, the mask's and the output's; the ``triton`` backend gathers them itself (with FP8 in
     its quantization pre-pass), the others get gathered copies. ``inverse_order`` (the index that
     undoes ``token_order``) or None: the output and lse come back in the tokens' own order, which
-    the ``triton`` backend's kernels write directly (no gather), the others gather."""
+    the ``triton`` backend's kernels write directly (no gather), the others gather.
+    ``key_center`` (float32 [B, H, D]) or None: the vector FP8's pre-pass centres the keys on
+    (``block_sparse_attention_triton``); the result does not depend on it, and only the
+    ``triton`` backend with FP8 uses it."""
     if inverse_order is not None and token_order is None:
         raise ValueError("inverse_order undoes a token_order: pass the token_order too (or neither)")
     if backend == "triton":
@@ -206,7 +210,7 @@ def run_block_sparse(backend: str, query: torch.Tensor, key: torch.Tensor, value
 
         return block_sparse_attention_triton(query, key, value, mask, scale=scale, kv_valid_len=kv_valid_len,
                                              return_lse=return_lse, precision=precision, token_order=token_order,
-                                             restore_order=inverse_order is not None)
+                                             restore_order=inverse_order is not None, key_center=key_center)
     if token_order is not None:
         query, key, value = (gather_tokens(t, token_order) for t in (query, key, value))
     if backend == "fa4":

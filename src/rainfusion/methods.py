@@ -24,17 +24,21 @@ from .head_patterns import head_pattern_table
 from .layout import VideoLayout
 from .mask import BlockSparseMask
 from .permutation import mark_permutation, token_order
+from .predictor import token_mean
 
 
 @dataclass(frozen=True)
 class Plan:
     """mask: BlockSparseMask [B, H] on permuted tokens; order / inverse: int64 [N] (one order for
-    all heads) or [B, H, N]; patterns: int64 [B, H] v1 head patterns, None for v2."""
+    all heads) or [B, H, N]; patterns: int64 [B, H] v1 head patterns, None for v2; key_mean:
+    float32 [B, H, D], the keys' mean from v2's key block means with ``precision="fp8"`` (the
+    pre-pass centres the keys on it instead of reading them once more for it), else None."""
 
     mask: BlockSparseMask
     order: torch.Tensor
     inverse: torch.Tensor
     patterns: torch.Tensor | None = None
+    key_mean: torch.Tensor | None = None
 
     def __post_init__(self) -> None:  # a plan's order holds each token once, by construction
         mark_permutation(self.order)
@@ -66,4 +70,5 @@ def _plan_v2(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config
     q_mean, k_mean = (block_means(t, config.block_size, order.index) for t in (query, key))
     mask = predict_from_means(q_mean, k_mean, seq_len=query.shape[2], num_dense=order.num_dense,
                               num_dense_tail=order.num_dense_tail, config=config, scale=scale)
-    return Plan(mask, order.index, order.inverse)
+    key_mean = token_mean(k_mean, key.shape[2], config.block_size) if config.precision == "fp8" else None
+    return Plan(mask, order.index, order.inverse, key_mean=key_mean)

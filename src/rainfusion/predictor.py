@@ -36,6 +36,13 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / block_lengths(n, block_size, dtype=accumulate, device=x.device)[:, None]
 
 
+def token_mean(means: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
+    """The mean over all ``num_tokens`` tokens [B, H, D] from their block means [B, H, blocks, D]
+    (``block_means``, in any token order: a tail block weighs its real tokens)."""
+    lengths = block_lengths(num_tokens, block_size, dtype=means.dtype, device=means.device)
+    return (means * lengths[:, None]).sum(2) / num_tokens
+
+
 def keep_count(kv_blocks: int, sparsity: float) -> int:
     """Top-N budget per query block: ceil(kv_blocks * (1 - sparsity)), at least 1."""
     return max(1, math.ceil(kv_blocks * (1.0 - sparsity) - 1e-9))

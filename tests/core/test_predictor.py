@@ -5,7 +5,7 @@ import torch
 
 from rainfusion import backends
 from rainfusion.config import RainFusion2Config
-from rainfusion.predictor import block_means, keep_count, predict_block_mask
+from rainfusion.predictor import block_means, keep_count, predict_block_mask, token_mean
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,6 +62,16 @@ def test_block_means_kernel_matches_a_float64_reference_and_the_torch_path(n, d,
     torch.testing.assert_close(means.double(), reference_block_means(permuted, bs), rtol=0, atol=1e-6)
     torch.testing.assert_close(means, block_means(permuted, bs), rtol=0, atol=1e-6)
     torch.testing.assert_close(backends.block_means(x, bs, order), block_means(permuted, bs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, bs", [(128 * 3, 128), (128 * 3 + 77, 128), (200, 64), (50, 128)])
+def test_token_mean_of_block_means_is_the_mean_of_the_tokens_in_any_order(n, bs):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 3, n, 16, generator=g) + torch.randn(2, 3, 1, 16, generator=g) * 4
+    order = torch.randperm(n, generator=g)
+    want = x.double().mean(2)
+    for means in (block_means(x, bs), backends.block_means(x, bs, order)):  # a tail block of its own tokens
+        torch.testing.assert_close(token_mean(means, n, bs).double(), want, rtol=0, atol=1e-5)
 
 
 def test_block_means_kernel_is_a_custom_op():

@@ -23,7 +23,7 @@ from rainfusion import BlockSparseMask, RainFusion2Config, VideoLayout, block_sp
 from rainfusion.config import method_config  # noqa: E402
 from rainfusion.kernels import block_sparse  # noqa: E402
 from rainfusion.kernels.block_sparse import block_sparse_attention_triton  # noqa: E402
-from rainfusion.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_blocks  # noqa: E402
+from rainfusion.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_attention_inputs, quantize_blocks  # noqa: E402
 from rainfusion.reference import cosine_similarity, relative_l2  # noqa: E402
 
 FP8_RUNS = ON_GPU and block_sparse.fp8_refusal(torch.empty(1, 1, 1, 128, device="cuda"), 128) is None
@@ -117,6 +117,78 @@ def test_quantize_blocks_with_a_token_order_is_that_of_the_gathered_tokens(per_h
         assert torch.equal(out.view(torch.int8), want.view(torch.int8)) and torch.equal(scale, want_scale), kwargs
     with pytest.raises(ValueError, match="token_order must be int64"):
         quantize_blocks(x, 128, token_order=order[..., :-1], int8=True)
+
+
+def test_quantize_attention_inputs_centres_keys_on_a_given_center():
+    q, k, v = qkv(1, 3, 300, 300, 64, torch.bfloat16 if ON_GPU else torch.float32, seed=4)
+    k = k + 2.0
+    read = quantize_attention_inputs(q, k, v, 128)
+    mean = k.double().mean(2).float()  # the keys' mean, summed otherwise: rounding ties may differ
+    given = quantize_attention_inputs(q, k, v, 128, key_center=mean)
+    assert given[6] is mean and torch.equal(given[0], read[0]) and torch.equal(given[2].view(torch.int8),
+                                                                               read[2].view(torch.int8))
+    assert (given[1].float() - read[1].float()).abs().max() <= 1
+    assert (given[1] != read[1]).float().mean() < 1e-3
+    assert torch.allclose(given[4], read[4], rtol=1e-5)
+    zeros = quantize_attention_inputs(q, k, v, 128, key_center=torch.zeros_like(mean))  # no centring
+    want, want_scale = quantize_blocks(k, 128, int8=True)
+    assert torch.equal(zeros[1], want) and torch.equal(zeros[4], want_scale)
+
+
+def test_a_key_center_of_the_wrong_kind_is_refused():
+    q, k, v = qkv(2, 3, 300, 300, 64, torch.bfloat16 if ON_GPU else torch.float32, seed=4)
+    mask = block_mask(2, 3, 300, 300, 128)
+    with pytest.raises(ValueError, match=r"key_center must be \[B, H, D\] = \(2, 3, 64\)"):
+        block_sparse_attention_triton(q, k, v, mask, scale=0.125, precision="fp8", key_center=torch.zeros(
+            2, 3, 128, device=DEVICE))
+    with pytest.raises(TypeError, match="key_center must be a float32 tensor"):
+        block_sparse_attention_triton(q, k, v, mask, scale=0.125, precision="fp8", key_center=torch.zeros(
+            2, 3, 64, device=DEVICE, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@needs_fp8
+def test_fp8_with_any_key_center_matches_the_oracle():
+    # the softmax ignores the per-query shift of a centre, the lse has it added back: one far
+    # from the mean (rounding the keys' int8 coarser) still gives the attention and its lse
+    q, k, v = qkv(1, 2, 700, 700, 128, torch.bfloat16, seed=6)
+    k = k + 1.0
+    mask = block_mask(1, 2, 700, 700, 128, density=0.6, seed=6)
+    want, want_lse = reference(q, k, v, mask, 128 ** -0.5)
+    native = block_sparse_attention_triton(q, k, v, mask, scale=128 ** -0.5)
+    empty = torch.isinf(want_lse)
+    for center in (k.float().mean(2), k.float().mean(2) + torch.rand(1, 2, 128, device=DEVICE)):
+        out, lse = block_sparse_attention_triton(q, k, v, mask, scale=128 ** -0.5, return_lse=True,
+                                                 precision="fp8", key_center=center)
+        _assert_accurate((relative_l2(out, want), relative_l2(native, want), cosine_similarity(out, want)),
+                         "a given key center", IID)
+        assert torch.equal(torch.isneginf(lse), empty)
+        assert (lse.double()[~empty] - want_lse[~empty]).abs().max() < 0.05
+
+
+@pytest.mark.gpu
+@needs_fp8
+def test_v2_fp8_centres_keys_on_a_fresh_plans_key_mean():
+    from rainfusion import AttentionState, sparse_attention
+    from rainfusion.methods import plan_attention
+
+    layout = VideoLayout(frames=3, height=10, width=14)  # 420 tokens: a tail block, H != W
+    q, k, v = qkv(1, 2, layout.num_tokens, layout.num_tokens, 128, torch.bfloat16, seed=9)
+    k = k + 1.5
+    config = RainFusion2Config(precision="fp8", warmup_fraction=0.0, refresh_interval=2)
+    plan = plan_attention(q, k, layout, config, 128 ** -0.5)
+    torch.testing.assert_close(plan.key_mean, k.float().mean(2), rtol=0, atol=1e-4)
+    assert plan_attention(q, k, layout, RainFusion2Config(), 128 ** -0.5).key_mean is None
+
+    def attend(key_center, key=k):
+        return block_sparse_attention_triton(q, key, v, plan.mask, scale=128 ** -0.5, precision="fp8",
+                                             token_order=plan.order, restore_order=True, key_center=key_center)
+
+    state = AttentionState(num_steps=4)
+    assert torch.equal(sparse_attention(q, k, v, layout=layout, config=config, state=state), attend(plan.key_mean))
+    state.next_step()  # the plan reused on other keys: their own mean, read in the pre-pass
+    k2 = k + 0.5
+    assert torch.equal(sparse_attention(q, k2, v, layout=layout, config=config, state=state), attend(None, k2))
 
 
 @pytest.mark.gpu

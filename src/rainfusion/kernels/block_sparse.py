@@ -199,6 +199,7 @@ def _block_sparse_attention_op(
     fp8: bool = False,
     token_order: Optional[torch.Tensor] = None,
     out_index: Optional[torch.Tensor] = None,
+    key_center: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, Nq, D], key/value [B, H, Nk, D] (any strides); counts int32 [B, H, q_blocks]
     and indices int32 [B, H, q_blocks, width] (stride 0 allowed); kv_valid_len int32 [B] or None;
@@ -206,8 +207,9 @@ def _block_sparse_attention_op(
     ``fp8``: the Gluon kernel on 8-bit copies (the caller checked ``fp8_refusal``), with
     ``token_order`` (int64 [N] or [B, H, N], only with fp8) of q, k, v's tokens in that order;
     ``out_index`` (int64 [Nq] or [B, H, Nq], a permutation) or None: query i's row of out and lse
-    is out_index[i]. Returns (out [B, H, Nq, D] in the layout of query, lse float32 [B, H, Nq] or
-    [0])."""
+    is out_index[i]; ``key_center`` (float32 [B, H, D], only with fp8) or None: the keys' centre
+    (``fp8.quantize_attention_inputs``). Returns (out [B, H, Nq, D] in the layout of query, lse
+    float32 [B, H, Nq] or [0])."""
     b, h, q_len, d = query.shape
     kv_len = key.shape[2]
     out = empty_like_layout(query)
@@ -226,7 +228,7 @@ def _block_sparse_attention_op(
             from .fp8 import quantize_attention_inputs, row_sum_ones
 
             q_in, k_in, v_in, q_scale, k_scale, v_scale, key_center = quantize_attention_inputs(
-                query, key, value, block_size, token_order)
+                query, key, value, block_size, token_order, key_center)
             ones = row_sum_ones(query.device, block_size)
             q_in, k_in, v_in, ones = fp8_descriptors(q_in, k_in, v_in, ones, block_size)
             qkv_strides = (0,) * 9  # (in the descriptors)
@@ -270,7 +272,7 @@ def _block_sparse_attention_op(
 
 @_block_sparse_attention_op.register_fake
 def _(query, key, value, counts, indices, kv_valid_len, block_size, scale, return_lse, kernel, fp8=False,
-      token_order=None, out_index=None):
+      token_order=None, out_index=None, key_center=None):
     return empty_like_layout(query), _empty_lse(query, return_lse)
 
 
@@ -302,6 +304,7 @@ def block_sparse_attention_triton(
     precision: str = "native",
     token_order: Optional[torch.Tensor] = None,
     restore_order: bool = False,
+    key_center: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """softmax(q k^T * scale) v over the key blocks that ``mask`` lists for each query block.
 
@@ -319,7 +322,11 @@ def block_sparse_attention_triton(
     it); with FP8 the gather is fused into the quantization pre-pass, else a row gather runs.
     ``restore_order`` (with a ``token_order`` that holds each token once, else a ValueError:
     ``_check_permutation``): the output and lse come back in the tokens' own order, written there
-    by the kernel (the un-permutation fused into its store).
+    by the kernel (the un-permutation fused into its store). ``key_center``: float32 [B, H, D]
+    or None: with FP8 the keys are centred on it before their int8 quantization (softmax ignores
+    the per-query shift it makes; the returned lse has it added back); None: on their mean, read
+    in the pre-pass (``fp8``). Any vector gives the same attention, the mean the smallest error;
+    RainFusion2.0's plans pass the mean of their key block means. Unused by the native kernels.
     """
     check_qkv(query, key, value)
     mask = check_block_mask(mask, query, key, name="mask")
@@ -337,6 +344,8 @@ def block_sparse_attention_triton(
             raise ValueError(f"precision='fp8' cannot run this call: {refusal}; use precision='native'")
         log_fp8_fallback(refusal)
         fp8 = False
+    if key_center is not None:
+        _check_key_center(key_center, key)
     if restore_order and token_order is None:
         raise ValueError("restore_order=True puts the output back in the tokens' own order: it needs a token_order")
     out_index = None
@@ -351,8 +360,19 @@ def block_sparse_attention_triton(
     with on_device(query):
         out, lse = _block_sparse_attention_op(query, key, value, mask.counts, mask.indices, kv_valid_len,
                                               mask.block_size, float(scale), return_lse, kernel, fp8, token_order,
-                                              out_index)
+                                              out_index, key_center if fp8 else None)
     return (out, lse) if return_lse else out
+
+
+def _check_key_center(key_center: torch.Tensor, key: torch.Tensor) -> None:
+    """key_center: float32 [B, H, D] of key's batch, heads and head dim, on its device."""
+    if not isinstance(key_center, torch.Tensor) or key_center.dtype != torch.float32:
+        raise TypeError(f"key_center must be a float32 tensor, got {getattr(key_center, 'dtype', type(key_center))}")
+    b, h, _, d = key.shape
+    if tuple(key_center.shape) != (b, h, d) or key_center.device != key.device:
+        raise ValueError(f"key_center must be [B, H, D] = {(b, h, d)} on {key.device} (one centre of the keys per "
+                         f"head), got {tuple(key_center.shape)} on {key_center.device}; pass None to centre the keys "
+                         "on their mean")
 
 
 def _check_token_order(token_order: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:

@@ -87,14 +87,16 @@ _cached_ones = functools.lru_cache(maxsize=None)(_ones)
 
 
 def quantize_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,
-                              token_order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+                              token_order: Optional[torch.Tensor] = None,
+                              key_center: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """(q8, k8, v8t, q_scale, k_scale, v_scale, key_center) for the FP8 kernel: q and k int8
-    [B, H, N, D] (k minus key_center, its float32 mean [B, H, D]: scores shift by q . key_center
-    per query, which the softmax ignores and a log-sum-exp must add back), v e4m3 [B, H, D, N
+    [B, H, N, D] (k minus key_center, float32 [B, H, D]: the given one, else the keys' mean, read
+    here; scores shift by q . key_center per query, which the softmax ignores and a log-sum-exp
+    must add back; the mean makes the smallest int8 error), v e4m3 [B, H, D, N
     padded to whole blocks] with each 32 tokens in the P operand order (``quantize_blocks``); block
     scales float32 [B, H, blocks] for q and k, channel scales float32 [B, H, D] for v. With
     ``token_order`` (``quantize_blocks``) all three are of the tokens taken in that order."""
-    center = key.mean(dim=2, dtype=torch.float32)
+    center = key.mean(dim=2, dtype=torch.float32) if key_center is None else key_center
     v_amax = torch.linalg.vector_norm(value, float("inf"), dim=2, dtype=torch.float32)
     v_scale = torch.where(v_amax > 0, v_amax / FP8_MAX, 1.0)
     q8, q_scale = quantize_blocks(query, block_size, token_order=token_order, int8=True)
