@@ -70,5 +70,5 @@ def _plan_v2(query: torch.Tensor, key: torch.Tensor, layout: VideoLayout, config
     q_mean, k_mean = (block_means(t, config.block_size, order.index) for t in (query, key))
     mask = predict_from_means(q_mean, k_mean, seq_len=query.shape[2], num_dense=order.num_dense,
                               num_dense_tail=order.num_dense_tail, config=config, scale=scale)
-    key_mean = token_mean(k_mean, key.shape[2], config.block_size) if config.precision == "fp8" else None
+    key_mean = token_mean(k_mean, key.shape[2], config.block_size).float() if config.precision == "fp8" else None
     return Plan(mask, order.index, order.inverse, key_mean=key_mean)
