@@ -146,6 +146,19 @@ def test_a_key_center_of_the_wrong_kind_is_refused():
             2, 3, 64, device=DEVICE, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_v2_fp8_plans_carry_the_keys_mean(dtype):
+    from rainfusion.methods import plan_attention
+
+    layout = VideoLayout(frames=3, height=10, width=14)  # 420 tokens: a tail block, H != W
+    q, k, _ = qkv(2, 2, layout.num_tokens, layout.num_tokens, 64, dtype, seed=3, device="cpu")
+    k = k + torch.randn(2, 2, 1, 64, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    plan = plan_attention(q, k, layout, RainFusion2Config(precision="fp8"), 0.125)
+    assert plan.key_mean.dtype == torch.float32  # the FP8 kernel's centre, whatever the inputs
+    torch.testing.assert_close(plan.key_mean.double(), k.double().mean(2), rtol=0, atol=1e-5)
+    assert plan_attention(q, k, layout, RainFusion2Config(), 0.125).key_mean is None
+
+
 @pytest.mark.gpu
 @needs_fp8
 def test_fp8_with_any_key_center_matches_the_oracle():
@@ -177,8 +190,6 @@ def test_v2_fp8_centres_keys_on_a_fresh_plans_key_mean():
     k = k + 1.5
     config = RainFusion2Config(precision="fp8", warmup_fraction=0.0, refresh_interval=2)
     plan = plan_attention(q, k, layout, config, 128 ** -0.5)
-    torch.testing.assert_close(plan.key_mean, k.float().mean(2), rtol=0, atol=1e-4)
-    assert plan_attention(q, k, layout, RainFusion2Config(), 128 ** -0.5).key_mean is None
 
     def attend(key_center, key=k):
         return block_sparse_attention_triton(q, key, v, plan.mask, scale=128 ** -0.5, precision="fp8",
