@@ -62,13 +62,10 @@ def keep_mask(heads: int, n: int, keep: int):
     return random_block_mask(1, heads, n, kept / blocks), kept
 
 
-def measure(preset: str, keeps: list[int], precisions: list[str]) -> list[dict]:
-    """(in the tree's process) rows of what, ms (one call, ``time_ms``), back_to_back_ms and
-    host_ms (GPU and host time per call of up to 20 issued back to back), checksum."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from attention import back_to_back_ms, time_ms
+def our_calls(preset: str, keeps: list[int], precisions: list[str]):
+    """((q, k, v) of ``random_inputs``, what -> a zero-argument call): our kernel at each of
+    ``keeps`` random key blocks per query block and v2 0.8 end to end, in each of
+    ``precisions``."""
     from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
     from rainfusion.tools.bench import PRESETS
 
@@ -85,6 +82,19 @@ def measure(preset: str, keeps: list[int], precisions: list[str]) -> list[dict]:
         config = RainFusion2Config(precision=precision)
         calls[f"v2 end to end {precision}"] = (
             lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
+    return (q, k, v), calls
+
+
+def measure(preset: str, keeps: list[int], precisions: list[str]) -> list[dict]:
+    """(in the tree's process) rows of what, ms (one call, ``time_ms``), back_to_back_ms and
+    host_ms (GPU and host time per call of up to 20 issued back to back), checksum."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attention import back_to_back_ms, time_ms
+
+    (q, k, v), calls = our_calls(preset, keeps, precisions)
+
     def row(what, fn, checksum=True):
         ms = time_ms(fn)
         gpu, host = back_to_back_ms(fn, calls=max(3, min(20, round(1000 / ms))))

@@ -5,8 +5,8 @@ v2 end to end is the predictor (block means, pooled scores, top blocks), with FP
 (the key mean, the value channel maxima, the three quantizations) and the block-sparse kernel;
 this shows what each costs next to the kernel, for ``compare_trees.py``'s calls. With
 ``--timeline``, one call's kernels in order: when each starts after the call begins on the host,
-how long it runs and how long the GPU idled before it (a single call's time, as ``attention.py``
-measures it, is the GPU's work plus those gaps).
+how long it runs and how long the GPU idled before it (to compare with a single call's time as
+``attention.py`` measures it).
 
     python benchmarks/gpu_breakdown.py [--preset hunyuan-720p] [--keep 186] [--calls 5] [--top 14] [--timeline]
 """

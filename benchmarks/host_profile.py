@@ -19,22 +19,10 @@ import time
 
 def calls_to_profile(preset: str, keep: int) -> dict:
     """what -> a zero-argument call: our kernel with FP8 and in bf16 at ``keep`` random key blocks
-    per query block, and v2 0.8 end to end with both (``compare_trees.measure``'s calls)."""
-    from compare_trees import keep_mask, random_inputs
-    from rainfusion import RainFusion2Config, block_sparse_attention, sparse_attention
-    from rainfusion.tools.bench import PRESETS
+    per query block, and v2 0.8 end to end with both (``compare_trees.our_calls``)."""
+    from compare_trees import our_calls
 
-    spec = PRESETS[preset]
-    q, k, v = random_inputs(preset)
-    mask, kept = keep_mask(spec.heads, spec.layout.num_tokens, keep)
-    calls = {}
-    for precision in ("fp8", "native"):
-        calls[f"{precision} {kept} blocks"] = (
-            lambda precision=precision: block_sparse_attention(q, k, v, mask, backend="triton", precision=precision))
-        config = RainFusion2Config(precision=precision)
-        calls[f"v2 end to end {precision}"] = (
-            lambda config=config: sparse_attention(q, k, v, layout=spec.layout, config=config, backend="triton"))
-    return calls
+    return our_calls(preset, [keep], ["fp8", "native"])[1]
 
 
 def host_profile(fn, calls: int, top: int) -> tuple[float, list[tuple[str, float, float]]]:
