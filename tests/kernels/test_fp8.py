@@ -135,6 +135,23 @@ def test_quantize_attention_inputs_centres_keys_on_a_given_center():
     assert torch.equal(zeros[1], want) and torch.equal(zeros[4], want_scale)
 
 
+def test_value_channels_of_zeros_get_a_finite_scale_and_stay_zero():
+    q, k, v = qkv(1, 2, 300, 300, 64, torch.bfloat16 if ON_GPU else torch.float32, seed=6)
+    v[:, :, :, 5] = 0  # one channel of every head
+    v[:, 1] = 0  # a whole head
+    *_, v8t, _, _, v_scale, _ = quantize_attention_inputs(q, k, v, 128)
+    assert torch.isfinite(v_scale).all() and (v_scale > 0).all()
+    assert (v8t[:, :, 5].float() == 0).all() and (v8t[:, 1].float() == 0).all()
+    want = v.float().abs().amax(2) / FP8_MAX
+    assert torch.equal(v_scale[:, 0, :5], want[:, 0, :5]) and torch.equal(v_scale[:, 0, 6:], want[:, 0, 6:])
+    if FP8_RUNS:
+        mask = block_mask(1, 2, 300, 300, 128, density=0.6, seed=6)
+        out = block_sparse_attention_triton(q, k, v, mask, scale=0.125, precision="fp8")
+        assert torch.isfinite(out).all() and (out[:, :, :, 5] == 0).all() and (out[:, 1] == 0).all()
+        want_out = reference(q, k, v, mask, 0.125)[0]
+        assert cosine_similarity(out[:, 0], want_out[:, 0]) >= 0.999
+
+
 def test_a_key_center_of_the_wrong_kind_is_refused():
     q, k, v = qkv(2, 3, 300, 300, 64, torch.bfloat16 if ON_GPU else torch.float32, seed=4)
     mask = block_mask(2, 3, 300, 300, 128)
