@@ -36,8 +36,9 @@ from rainfusion.reference import relative_l2
 from rainfusion.tools.bench import PRESETS
 
 
-def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 50) -> float:
-    """Median of CUDA-event timings after one warm-up call."""
+def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int = 50, rest_s: float = 0.0) -> float:
+    """Median of CUDA-event timings after one warm-up call (each call issued after a
+    synchronisation, and with ``rest_s`` after the host slept that long: ``gpu_breakdown.py``)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,6 +49,7 @@ def time_ms(fn, *, budget_ms: float = 1500.0, min_runs: int = 3, max_runs: int =
     runs = int(min(max_runs, max(min_runs, budget_ms // max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(runs):
+        time.sleep(rest_s)
         start.record()
         fn()
         end.record()
