@@ -19,7 +19,8 @@ that long before each (under a power cap a rested GPU runs the next call at high
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+import statistics
+from collections import Counter, defaultdict
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
@@ -117,16 +118,9 @@ def clocks_under_load(fn, seconds: float = 3.0) -> dict[str, object]:
     samples = [[part.strip() for part in line.split(",")] for line in lines if line.count(",") == 3]
     if not samples:
         return dict(ms=start.elapsed_time(end) / calls, error=" | ".join(lines[:2]))
-    reasons = defaultdict(int)
-    for sample in samples:
-        reasons[sample[3]] += 1
-
-    def median(i: int) -> float:
-        values = sorted(float(sample[i]) for sample in samples)
-        return values[len(values) // 2]
-
-    return dict(ms=start.elapsed_time(end) / calls, sm_mhz=median(0), watts=median(1), celsius=median(2),
-                reasons=dict(reasons), samples=len(samples))
+    sm_mhz, watts, celsius = (statistics.median(float(sample[i]) for sample in samples) for i in range(3))
+    return dict(ms=start.elapsed_time(end) / calls, sm_mhz=sm_mhz, watts=watts, celsius=celsius,
+                reasons=dict(Counter(sample[3] for sample in samples)), samples=len(samples))
 
 
 def main() -> None:
